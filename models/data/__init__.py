@@ -1,0 +1,1 @@
+"""Datasets: the offline story corpus, user-supplied text pinned by checksum, token arrays."""

@@ -1,0 +1,172 @@
+"""Equilibrium propagation in force form, with the AEP correction, holomorphic nudging and
+adaptive T2 (METHODS §2; log 003 §aep, §holo, §tracking, §stab).
+
+Nudged dynamics, started at z* for every nudge strength beta_k:
+
+    z <- z + eps (F(z) - beta_k dl/dz(z) - corr(z)),   corr(z) = J v - J^T v,
+
+with J = dF_nc/dz at z* (``aep="fixed"``, v = z - z*) or at the common mode
+z_bar = mean_k z_k of all phases run in lockstep (``aep="tracking"``, v = z - z_bar). Contrast
+
+    a = -Re[(1 / (N r)) sum_k exp(-i phi_k) (z_k - z*)],   beta_k = r exp(i phi_k),
+
+which for N = 2 (beta = +r, -r) is the centered a = (z_{-beta} - z_{+beta}) / (2 beta), an
+estimate of the adjoint -J^{-T} dl/dz. The parameter gradient is one autograd call at the fixed
+point, g = d/dtheta [<a, F(z*; theta)> + l(z*; theta)] with a and z* detached: the embeddings
+are terms of F (through the clamp), the head is a term of l.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from torch.func import jvp, vjp
+
+from models.eqt.relax import RelaxResult
+from models.eqt.stabilisers import StabiliserConfig
+
+if TYPE_CHECKING:
+    from models.eqt.model import EquilibriumLM
+
+
+@dataclass(frozen=True)
+class EPConfig:
+    """One EP estimator. Defaults follow log 003's canonical recipe (``--T2 20 --track``);
+    ``holomorphic_n = 0`` means real centered +-beta nudging; N >= 1 puts N points on the circle
+    of radius ``holomorphic_r`` (N = 2 is the real centered contrast at beta = r, the recipe's
+    ``--holo 2 --hr 0.02``). ``adaptive_t2`` runs to ``t2_max`` and keeps the snapshot (taken
+    every ``snapshot_every`` steps) with the smallest increment of a (``--t2sel``)."""
+
+    beta: float = 0.02
+    t2: int = 20
+    aep: Literal["none", "fixed", "tracking"] = "tracking"
+    holomorphic_n: int = 0
+    holomorphic_r: float = 0.02
+    adaptive_t2: bool = False
+    t2_max: int = 80
+    snapshot_every: int = 4
+    stab: StabiliserConfig = field(default_factory=StabiliserConfig)
+
+    def __post_init__(self) -> None:
+        if self.aep not in ("none", "fixed", "tracking"):
+            raise ValueError(f"aep must be 'none', 'fixed' or 'tracking', not {self.aep!r}")
+        if self.holomorphic_n < 0 or self.t2 < 1 or self.t2_max < 1 or self.snapshot_every < 1:
+            raise ValueError(f"invalid EPConfig {self}")
+        if (self.holomorphic_r if self.holomorphic_n else self.beta) <= 0:
+            raise ValueError("the nudge strength (beta or holomorphic_r) must be > 0")
+
+
+def nudge_points(cfg: EPConfig, dtype: torch.dtype, device: torch.device,
+                 ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(beta_k, exp(-i phi_k), r); real tensors when every beta_k is real (N <= 2)."""
+    n, r = (cfg.holomorphic_n, cfg.holomorphic_r) if cfg.holomorphic_n else (2, cfg.beta)
+    phi = 2 * math.pi * torch.arange(n, dtype=torch.float64) / n
+    if n <= 2:
+        sign = torch.cos(phi).round()
+        return (r * sign).to(dtype=dtype, device=device), sign.to(dtype=dtype, device=device), r
+    cdtype = torch.complex128 if dtype == torch.float64 else torch.complex64
+    unit = torch.polar(torch.ones_like(phi), phi)
+    return (r * unit).to(dtype=cdtype, device=device), unit.conj().to(cdtype).to(device), r
+
+
+def contrast_gradients(model: EquilibriumLM, idx: torch.Tensor, targets: torch.Tensor,
+                       z_star: torch.Tensor, a: torch.Tensor) -> dict[str, torch.Tensor]:
+    """d/dtheta [<a, F(z*; theta)> + l(z*; theta)], one autograd call, z* and a detached."""
+    z_star, a = z_star.detach(), a.detach()
+    with torch.enable_grad():
+        s = (a * model.force(z_star, model.x_in(idx))).sum() + model.ce(z_star, targets)
+        names, params = zip(*model.named_parameters(), strict=True)
+        gs = torch.autograd.grad(s, params, allow_unused=True)
+    return {n: torch.zeros_like(p) if g is None else g
+            for n, p, g in zip(names, params, gs, strict=True)}
+
+
+Fn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _antisym(fn: Fn, at: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(J - J^T) v of ``fn`` at ``at`` (real), matrix-free: one jvp and one vjp."""
+    _, jv = jvp(fn, (at,), (v,))
+    _, pullback = vjp(fn, at)
+    return jv - pullback(v)[0]
+
+
+def _correction(fn: Fn, at: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(J - J^T) v for a real or complex v; J is real, so it acts on Re v and Im v separately."""
+    if not v.is_complex():
+        return _antisym(fn, at, v)
+    both = _antisym(fn, torch.cat([at, at]), torch.cat([v.real, v.imag]))
+    re, im = both.chunk(2)
+    return torch.complex(re, im)
+
+
+def _contrast(z: torch.Tensor, z_star: torch.Tensor, weights: torch.Tensor, r: float,
+              n_phase: int) -> torch.Tensor:
+    """a = -Re[(1/(N r)) sum_k w_k (z_k - z*)] for phases stacked along the batch dim."""
+    d = (z - z_star.repeat(n_phase, 1, 1)).unflatten(0, (n_phase, -1))
+    s = (weights.view(-1, 1, 1, 1) * d).sum(0) / (n_phase * r)
+    return -(s.real if s.is_complex() else s)
+
+
+@torch.no_grad()
+def nudged_contrast(model: EquilibriumLM, idx: torch.Tensor, targets: torch.Tensor,
+                    z_star: torch.Tensor, cfg: EPConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """Run all nudged phases in lockstep from z* and return the contrast a and stats."""
+    betas, weights, r = nudge_points(cfg, z_star.dtype, z_star.device)
+    k = betas.numel()
+    holo = betas.is_complex()
+    if holo and not hasattr(model.block, "forward_complex"):
+        raise ValueError("holomorphic EP needs a block with forward_complex (the thick block); "
+                         "use holomorphic_n <= 2 for this block")
+    eps = model.relax_cfg.eps
+    x_in = model.x_in(idx).repeat(k, 1, 1)
+    tgt = targets.repeat(k, 1)
+    force = model.block.forward_complex if holo else model.block
+    beta_b = betas.repeat_interleave(z_star.shape[0]).view(-1, 1, 1)
+    star_k = z_star.repeat(k, 1, 1)
+    z = star_k.to(betas.dtype)
+    interaction = model.block.interaction
+    # ce_grad_z averages over the rows it is given; each phase must see l of its own B rows.
+    scale = float(k)
+    steps = cfg.t2_max if cfg.adaptive_t2 else cfg.t2
+    best_a, best_inc, best_t, prev_a = None, math.inf, steps, None
+    for t in range(1, steps + 1):
+        f = force(z, x_in) - beta_b * scale * model.ce_grad_z(z, tgt)
+        if cfg.aep == "fixed":
+            f = f - _correction(interaction, star_k, z - star_k)
+        elif cfg.aep == "tracking":
+            zbar = z.unflatten(0, (k, -1)).mean(0)
+            zbar = (zbar.real if holo else zbar).repeat(k, 1, 1)
+            f = f - _correction(interaction, zbar, z - zbar)
+        z = z + eps * f
+        if cfg.adaptive_t2 and t % cfg.snapshot_every == 0:
+            a = _contrast(z, z_star, weights, r, k)
+            if prev_a is not None and torch.isfinite(a).all():
+                inc = float((a - prev_a).norm())
+                if inc < best_inc:
+                    best_a, best_inc, best_t = a, inc, t
+            prev_a = a
+    if best_a is None:
+        best_a = _contrast(z, z_star, weights, r, k)
+    stats = {"t2": float(best_t), "a_norm": float(best_a.norm())}
+    if cfg.adaptive_t2:
+        stats["a_increment"] = best_inc
+    return best_a, stats
+
+
+def ep_gradients(model: EquilibriumLM, idx: torch.Tensor, targets: torch.Tensor, cfg: EPConfig,
+                 free: RelaxResult | None = None,
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """EP task gradient at the free-phase fixed point (runs the free phase if not given)."""
+    free = free if free is not None else model.free_phase(idx)
+    a, stats = nudged_contrast(model, idx, targets, free.z, cfg)
+    grads = contrast_gradients(model, idx, targets, free.z, a)
+    with torch.no_grad():
+        loss = model.ce(free.z, targets).item()
+    stats.update({"loss": loss, "term/ce": loss, "residual": free.residual,
+                  "settle_iters": float(free.steps)})
+    return grads, stats

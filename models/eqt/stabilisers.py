@@ -1,0 +1,115 @@
+"""Stabilisers that keep the free phase contractive (METHODS §2, log 003 §stab, §resreg).
+
+- jacreg: lambda |J_nc(z*)|_F^2 by Hutchinson, one jvp on a Gaussian probe, differentiated in
+  theta (Bai et al. 2021). Normalised per state element, E|J e|^2 / numel(e), so lambda does
+  not depend on B, T or C.
+- ``JacregController``: lambda <- clip(lambda (res_EMA / target)^0.3, floor, max). The floor is
+  load-bearing and must stay > 0: two lambda -> 0 runs in the log exploded while res read 0
+  (eps F below ulp(z) froze the relaxation).
+- resreg: R = |eps F(z_T1)|^2 / (|z_T1|^2 + eps) on the state after exactly T1 steps, z_T1
+  detached, so only theta (incl. the embeddings through x_in) is pushed to shrink the residual
+  that evaluation actually sees.
+- validity gate: when res > gate the task update is skipped and only the stabilisers apply
+  (applied in ``models.eqt.model.gradients``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.func import jvp
+
+from models.eqt.relax import RelaxResult
+
+if TYPE_CHECKING:
+    from models.eqt.model import EquilibriumLM
+
+
+@dataclass(frozen=True)
+class StabiliserConfig:
+    """jacreg: lambda used when no controller is passed (0 = off); resreg: weight of R (0 = off);
+    gate: residual above which the task gradient is skipped (None = no gate). The log runs
+    resreg with the gate off so the penalty is not bypassed when res is high."""
+
+    jacreg: float = 0.0
+    resreg: float = 0.0
+    gate: float | None = None
+
+
+class JacregController:
+    """Residual-driven lambda controller on an EMA of the free-phase residual (log 003 §stab).
+
+    Defaults from the log's recipes: lambda0 0.1, floor 0.1, max 16 (``--jr_max 16``),
+    target 1.5e-3, EMA 0.9, exponent 0.3. A non-finite residual drives lambda to the max.
+    """
+
+    def __init__(self, lam: float = 0.1, floor: float = 0.1, lam_max: float = 16.0,
+                 target: float = 1.5e-3, ema: float = 0.9, power: float = 0.3) -> None:
+        if not 0 < floor <= lam_max:
+            raise ValueError(f"need 0 < floor <= lam_max (floor={floor}, lam_max={lam_max}); a "
+                             "floor of 0 lets lambda anneal away and the operator explode")
+        if target <= 0 or not 0 <= ema < 1:
+            raise ValueError(f"need target > 0 and 0 <= ema < 1 (target={target}, ema={ema})")
+        self.floor, self.lam_max, self.target = floor, lam_max, target
+        self.ema, self.power = ema, power
+        self.lam = min(max(lam, floor), lam_max)
+        self.res_ema: float | None = None
+
+    def update(self, residual: float) -> float:
+        if not math.isfinite(residual):
+            self.lam = self.lam_max
+            return self.lam
+        self.res_ema = residual if self.res_ema is None else (
+            self.ema * self.res_ema + (1 - self.ema) * residual)
+        ratio = max(self.res_ema, 1e-30) / self.target
+        self.lam = min(max(self.lam * ratio**self.power, self.floor), self.lam_max)
+        return self.lam
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"lam": self.lam, "res_ema": self.res_ema}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.lam = min(max(float(state["lam"]), self.floor), self.lam_max)
+        self.res_ema = None if state["res_ema"] is None else float(state["res_ema"])
+
+
+def jacobian_penalty(model: EquilibriumLM, z: torch.Tensor) -> torch.Tensor:
+    """Hutchinson estimate of |J_nc(z)|_F^2 / numel(z), differentiable in theta (z detached)."""
+    z = z.detach()
+    probe = torch.randn_like(z)
+    _, jv = jvp(model.block.interaction, (z,), (probe,))
+    return jv.pow(2).sum() / z.numel()
+
+
+def residual_penalty(model: EquilibriumLM, idx: torch.Tensor, z_t1: torch.Tensor) -> torch.Tensor:
+    """R = |eps F(z_T1)|^2 / (|z_T1|^2 + eps) with z_T1 detached (log 003, eq. resreg)."""
+    eps = model.relax_cfg.eps
+    z = z_t1.detach()
+    f = model.force(z, model.x_in(idx))
+    return (eps * f).pow(2).sum() / (z.pow(2).sum() + eps)
+
+
+def stabiliser_gradients(model: EquilibriumLM, idx: torch.Tensor, free: RelaxResult,
+                         cfg: StabiliserConfig, lam: float,
+                         ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Gradients of lam * jacreg(z*) + resreg * R(z_T1); empty dict when both are off."""
+    stats: dict[str, float] = {"lambda": lam}
+    total = None
+    if lam > 0:
+        jr = jacobian_penalty(model, free.z)
+        stats["term/jacreg"] = jr.item()
+        total = lam * jr
+    if cfg.resreg > 0:
+        rr = residual_penalty(model, idx, free.z_t1)
+        stats["term/resreg"] = rr.item()
+        total = cfg.resreg * rr if total is None else total + cfg.resreg * rr
+    if total is None:
+        return {}, stats
+    names, params = zip(*model.named_parameters(), strict=True)
+    gs = torch.autograd.grad(total, params, allow_unused=True)
+    grads = {n: torch.zeros_like(p) if g is None else g
+             for n, p, g in zip(names, params, gs, strict=True)}
+    return grads, stats

@@ -1,0 +1,1 @@
+"""Feed-forward learning-rule family: deep pre-LN MLP, rules, metrics, tasks, calibration."""

@@ -1,0 +1,82 @@
+"""The protocol every feed-forward learning rule implements, and the state helpers they share.
+
+A rule owns everything beyond the net's own weights: fixed feedback matrices, learned auxiliary
+modules (DTP inverses, bridges, value nets, PC precisions) with their internal optimizer, its RNG
+and an epoch counter. ``update`` writes the rule's weight update into ``p.grad`` of the net so
+that the pipeline's optimizer steps the net, and trains the auxiliary modules itself.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+
+class Rule(ABC):
+    name: ClassVar[str]
+
+    def __init__(self, net: nn.Module, cfg: Any) -> None:
+        self.net = net
+        self.cfg = cfg
+        self.epoch = 0
+        p = next(net.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.gen = torch.Generator(device="cpu")
+        self.gen.manual_seed(int(getattr(cfg, "seed", 0)))
+
+    @abstractmethod
+    def update(self, x: Tensor, y: Tensor) -> dict[str, float]:
+        """Write the weight update into ``p.grad``; train auxiliary modules; return statistics."""
+
+    @abstractmethod
+    def credit(self, x: Tensor, y: Tensor) -> list[Tensor]:
+        """The rule's stand-in for dL/dh_l, one tensor per hidden state (no side effects)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the training loop at the start of each epoch (warm-ups, annealing)."""
+        self.epoch = epoch
+
+    # --- state -----------------------------------------------------------------------------
+    def aux(self) -> dict[str, Any]:
+        """Rule-owned objects with their own ``state_dict`` (modules, optimizers)."""
+        return {}
+
+    def buffers(self) -> dict[str, Tensor]:
+        """Rule-owned plain tensors (fixed feedback matrices, EMAs)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "gen": self.gen.get_state(),
+            "aux": {k: v.state_dict() for k, v in self.aux().items()},
+            "buffers": {k: v.detach().clone() for k, v in self.buffers().items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        self.gen.set_state(state["gen"])
+        for k, v in self.aux().items():
+            v.load_state_dict(state["aux"][k])
+        for k, buf in self.buffers().items():
+            buf.copy_(state["buffers"][k])
+
+    # --- helpers ---------------------------------------------------------------------------
+    def randn(self, *shape: int) -> Tensor:
+        """Rule-RNG normal sample (CPU generator, so CUDA runs reproduce and checkpoint too)."""
+        return torch.randn(*shape, generator=self.gen, dtype=self.dtype).to(self.device)
+
+    def build(self, factory: Callable[[], nn.Module]) -> nn.Module:
+        """Create an auxiliary module from the rule's seed without touching the global RNG."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(getattr(self.cfg, "seed", 0)) + 7919)
+            module = factory()
+        return module.to(device=self.device, dtype=self.dtype)
+
+
+def flat_grad_norm(params: list[nn.Parameter]) -> float:
+    return sum(float(p.grad.pow(2).sum()) for p in params if p.grad is not None) ** 0.5

@@ -1,0 +1,127 @@
+"""Credit bridge (log 002): learned values V_l(h_l) ~ loss; credit_l = grad V_l, normalised.
+
+V_l = v o R_l: a value head v on the output state h_L (MLP h -> LN -> d_value -> 1) and a bridge
+R_l with the block architecture (h + f(LN(h)), near identity) carrying h_l into that space;
+R_L = identity. (Log 002 does not give the architecture; sharing v is what lets the output-local
+terminal gradient matching inform hidden layers, and is our reading of "with it, the credit
+bridge matches the state bridge on the toy".) Losses, per sample l_i of the current net:
+
+- v:   mean (v(h_L) - l_i)^2
+       + term_grad_weight * sum||grad v(h_L) - dl_i/dh_L||^2 / sum||dl_i/dh_L||^2
+       (terminal gradient matching: output-local, no hidden back-propagation; normalised so
+       term_grad_weight = 1 is scale free),
+- R_l: mean (v(R_l(h_l)) - l_i)^2, stepping R_l only.
+
+Credit a_l = grad_{h_l} V_l(h_l), normalised a / (RMS(a) + 1e-6) over the layer's batch tensor,
+divided by the batch size (the batch-mean loss convention every rule uses). For the first
+``warmup_frac`` of ``epochs`` the net is trained with DFA credit instead (the bridges keep
+learning) so the value net does not bootstrap from an untrained net (log 002).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from models.ff.mlp import DeepMLP, act_rms, activation, apply_credit, grad_norms, make_block
+from models.ff.rules.base import Rule
+from models.ff.rules.dfa import DFA, DFAConfig
+
+
+@dataclass
+class CreditBridgeConfig:
+    bridge_lr: float = 1e-3  # Adam, internal, for v and every R_l
+    d_value: int = 256
+    term_grad_weight: float = 1.0
+    warmup_frac: float = 0.2
+    epochs: int = 100  # total epochs of the run (for the warm-up)
+    feedback_scale: float = 1.0  # DFA warm-up feedback
+    seed: int = 0
+
+
+class ValueHead(nn.Module):
+    def __init__(self, width: int, d_value: int, act: str, layernorm: bool) -> None:
+        super().__init__()
+        self.ln: nn.Module = nn.LayerNorm(width) if layernorm else nn.Identity()
+        self.fc1 = nn.Linear(width, d_value)
+        self.act = activation(act if act != "identity" else "tanh")
+        self.fc2 = nn.Linear(d_value, 1)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(self.ln(h)))).squeeze(-1)
+
+
+class CreditBridge(Rule):
+    name = "credit_bridge"
+
+    def __init__(self, net: DeepMLP, cfg: CreditBridgeConfig | None = None) -> None:
+        super().__init__(net, cfg or CreditBridgeConfig())
+        self.net: DeepMLP = net
+        c, nc = self.cfg, net.cfg
+        self.value = self.build(lambda: ValueHead(nc.width, c.d_value, nc.act, nc.layernorm))
+        self.bridges = self.build(lambda: nn.ModuleList(make_block(nc) for _ in range(nc.depth)))
+        self.opt = torch.optim.Adam([*self.value.parameters(), *self.bridges.parameters()],
+                                    lr=c.bridge_lr)
+        self.dfa = DFA(net, DFAConfig(feedback_scale=c.feedback_scale, seed=c.seed + 1))
+
+    def aux(self) -> dict[str, object]:
+        return {"value": self.value, "bridges": self.bridges, "opt": self.opt}
+
+    def buffers(self) -> dict[str, Tensor]:
+        return {"dfa_B": self.dfa.B, "dfa_scale": self.dfa.scale}
+
+    def in_warmup(self) -> bool:
+        return self.epoch < self.cfg.warmup_frac * self.cfg.epochs
+
+    def train_values(self, hs: list[Tensor], y: Tensor) -> dict[str, float]:
+        net, b = self.net, hs[-1].shape[0]
+        with torch.no_grad():
+            target = net.per_sample_loss(net.readout(hs[-1]), y)
+        _, g_mean = net.output_grad(hs[-1], y)
+        g_true = g_mean * b  # per-sample dl_i/dh_L
+        vparams, rparams = list(self.value.parameters()), list(self.bridges.parameters())
+        with torch.enable_grad():
+            top = hs[-1].detach().requires_grad_(True)
+            v_top = self.value(top)
+            (g_v,) = torch.autograd.grad(v_top.sum(), top, create_graph=True)
+            value_t = (v_top - target).pow(2).mean()
+            grad_t = (g_v - g_true).pow(2).sum() / (g_true.pow(2).sum() + 1e-12)
+            hidden = sum(((self.value(r(h.detach())) - target).pow(2).mean()
+                          for r, h in zip(self.bridges, hs[:-1], strict=False)),
+                         target.new_zeros(()))
+            self.opt.zero_grad(set_to_none=False)
+            (value_t + self.cfg.term_grad_weight * grad_t).backward(inputs=vparams)
+            if rparams:
+                hidden.backward(inputs=rparams)
+        self.opt.step()
+        return {"term/value_top": float(value_t.detach()),
+                "term/term_grad": float(grad_t.detach()),
+                "term/value_hidden": float(hidden.detach()) / max(len(self.bridges), 1)}
+
+    def credits_from(self, hs: list[Tensor]) -> list[Tensor]:
+        b = hs[-1].shape[0]
+        maps = [*self.bridges, nn.Identity()]
+        out = []
+        with torch.enable_grad():
+            for r, h in zip(maps, hs, strict=True):
+                hh = h.detach().requires_grad_(True)
+                (a,) = torch.autograd.grad(self.value(r(hh)).sum(), hh)
+                out.append(a / (a.pow(2).mean().sqrt() + 1e-6) / b)
+        return out
+
+    def update(self, x: Tensor, y: Tensor) -> dict[str, float]:
+        with torch.no_grad():
+            hs = self.net.states(x)
+        stats = self.train_values(hs, y)
+        warm = self.in_warmup()
+        cs = self.dfa.credits_from(hs, y) if warm else self.credits_from(hs)
+        loss = apply_credit(self.net, x, hs, cs, y)
+        stats.update({"loss": float(loss), "term/dfa_warmup": float(warm)})
+        return {**stats, **grad_norms(self.net), **act_rms(self.net.layer_names(), hs)}
+
+    def credit(self, x: Tensor, y: Tensor) -> list[Tensor]:
+        with torch.no_grad():
+            hs = self.net.states(x)
+        return self.dfa.credits_from(hs, y) if self.in_warmup() else self.credits_from(hs)

@@ -1,0 +1,61 @@
+"""Direct feedback alignment (Nøkland 2016): credit for h_l is B_l e with B_l fixed random.
+
+e = dL/dlogits of the batch-mean loss (softmax - onehot over B for CE), so the update has BP's
+scale. B_l has i.i.d. N(0, feedback_scale^2 / d_out) entries: feedback_scale = 1 gives credits of
+the same RMS as e per output unit; ``calibration.dfa_feedback_scale`` matches it to BP's credit.
+Every hidden state h_0..h_L (including the last) gets B_l e; the head gets its local delta rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from models.ff.mlp import DeepMLP, act_rms, apply_credit, grad_norms
+from models.ff.rules.base import Rule
+
+
+@dataclass
+class DFAConfig:
+    feedback_scale: float = 1.0
+    seed: int = 0
+
+
+class DFA(Rule):
+    name = "dfa"
+
+    def __init__(self, net: DeepMLP, cfg: DFAConfig | None = None) -> None:
+        super().__init__(net, cfg or DFAConfig())
+        self.net: DeepMLP = net
+        n, w, k = len(net.layer_names()), net.cfg.width, net.cfg.d_out
+        # Unit-variance draws times a separate scale, so calibration can rescale in place.
+        self.B = self.randn(n, w, k) / k**0.5
+        self.scale = torch.tensor(float(self.cfg.feedback_scale), dtype=self.dtype,
+                                  device=self.device)
+
+    def buffers(self) -> dict[str, Tensor]:
+        return {"B": self.B, "scale": self.scale}
+
+    def output_error(self, hs: list[Tensor], y: Tensor) -> Tensor:
+        with torch.enable_grad():
+            z = self.net.readout(hs[-1].detach()).detach().requires_grad_(True)
+            (e,) = torch.autograd.grad(self.net.loss(z, y), z)
+        return e
+
+    def credits_from(self, hs: list[Tensor], y: Tensor) -> list[Tensor]:
+        e = self.output_error(hs, y)
+        return [self.scale * e @ self.B[i].T for i in range(len(hs))]
+
+    def update(self, x: Tensor, y: Tensor) -> dict[str, float]:
+        with torch.no_grad():
+            hs = self.net.states(x)
+        cs = self.credits_from(hs, y)
+        loss = apply_credit(self.net, x, hs, cs, y)
+        return {"loss": float(loss), **grad_norms(self.net), **act_rms(self.net.layer_names(), hs)}
+
+    def credit(self, x: Tensor, y: Tensor) -> list[Tensor]:
+        with torch.no_grad():
+            hs = self.net.states(x)
+        return self.credits_from(hs, y)

@@ -1,0 +1,1 @@
+"""The findings report: result tables (mean ± std over seeds), plots, provenance, health."""

@@ -1,0 +1,58 @@
+"""Aggregate per-run diagnostics into study tables (pandas does the arithmetic)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+
+def load_diagnostics(paths: list[Path]) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in paths]
+
+
+def metrics_frame(diagnostics: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per run: study, row, seed, run_dir, then every scalar metric."""
+    records = []
+    for d in diagnostics:
+        cfg = d["config"]
+        records.append({"study": cfg["study"], "row": cfg["row"], "seed": cfg["seed"],
+                        "run_dir": d["run_dir"], "fingerprint": d["fingerprint"],
+                        **{k: v for k, v in d["metrics"].items() if isinstance(v, (int, float))}})
+    return pd.DataFrame.from_records(records)
+
+
+def summarise(frame: pd.DataFrame, metrics: list[str], row_order: list[str]) -> pd.DataFrame:
+    """Mean, sample std (ddof=1; NaN for n=1) and n of each metric per row, rows in params order."""
+    grouped = frame.groupby("row")[metrics]
+    out = pd.concat({"mean": grouped.mean(), "std": grouped.std(ddof=1),
+                     "n": grouped.count()}, axis=1)
+    order = [r for r in row_order if r in out.index]
+    return out.loc[order]
+
+
+def mean_pm_std(mean: float, std: float, digits: int = 3) -> str:
+    if pd.isna(mean):
+        return "–"
+    if pd.isna(std):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def markdown_table(summary: pd.DataFrame, columns: list[tuple[str, str]],
+                   marks: dict[str, str] | None = None) -> str:
+    """Rows × metrics as 'mean ± std', with n per row and an optional mark (e.g. a health flag)."""
+    marks = marks or {}
+    header = ["row", *[label for _, label in columns], "n"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in summary.index:
+        cells = [f"{row}{marks.get(row, '')}"]
+        for key, _ in columns:
+            cells.append(mean_pm_std(summary.loc[row, ("mean", key)],
+                                     summary.loc[row, ("std", key)]))
+        n = int(summary.loc[row, ("n", columns[0][0])])
+        cells.append(str(n))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,51 @@
+"""The two interfaces a study implements; the segment driver and the stages only see these."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+from models.config import Params
+from models.pipeline import RunSpec
+
+
+class Trainer(Protocol):
+    """One run's complete trainable state and its step function.
+
+    ``state_dict`` must hold everything a resumed segment needs to continue bit-identically except
+    the global RNGs and the step, which the driver checkpoints itself: weights, optimizer, EMA,
+    controller state, the data stream position.
+    """
+
+    def train_step(self, step: int, lr: float) -> dict[str, float]: ...
+
+    def evaluate(self) -> dict[str, float]: ...
+
+    def layer_stats(self) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Study(Protocol):
+    """What the stages call for one study."""
+
+    name: str
+    title: str
+    datasets: tuple[str, ...]  # which prepare outputs it reads: "tokens", ...
+    columns: tuple[tuple[str, str], ...]  # (metric key, label) of the result table, in order
+
+    def calibrate(self, params: Params, row: str, device: torch.device) -> dict[str, Any]: ...
+
+    def build_trainer(self, params: Params, spec: RunSpec, calibration: dict[str, Any],
+                      device: torch.device) -> Trainer: ...
+
+    def diagnose(self, params: Params, spec: RunSpec, trainer: Trainer,
+                 device: torch.device) -> dict[str, Any]: ...
+
+
+
+# A report column: (metric key in diagnostics.json "metrics", column label).
+Column = tuple[str, str]

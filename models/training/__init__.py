@@ -1,0 +1,1 @@
+"""Segmented training: full-state checkpoints, RNG capture, LR schedule, the segment driver."""

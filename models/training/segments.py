@@ -1,0 +1,92 @@
+"""The segment driver: load state, train ``segment_steps`` steps, save everything atomically.
+
+A segment is the unit of work that can be lost: segment ``i`` starts from the checkpoint of
+segment ``i-1`` (or from initialisation), and writes its log and then its checkpoint, each by
+rename. The checkpoint is written last, so its presence means the segment finished.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from models import io
+from models.config import TrainConfig
+from models.studies.base import Trainer
+from models.training import checkpoint, rng
+from models.training.schedule import lr_at
+
+
+class GuardStop(RuntimeError):
+    """Raised when the live guard sees a fatal condition; the previous checkpoint stays valid."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    index: int
+    start: int
+    end: int
+    ckpt: Path
+    prev_ckpt: Path | None
+    log: Path
+
+
+def run_segment(trainer: Trainer, seg: Segment, cfg: TrainConfig, fingerprint: str,
+                guard: Callable[[dict[str, float]], str | None] | None = None,
+                label: str = "") -> list[dict[str, float]]:
+    """Train one segment; returns the logged rows (also written to ``seg.log``)."""
+    if seg.prev_ckpt is not None:
+        state = checkpoint.load(seg.prev_ckpt, fingerprint=fingerprint, step=seg.start)
+        trainer.load_state_dict(state["trainer"])
+        rng.restore(state["rng"])
+    rows: list[dict[str, float]] = []
+    clock = time.perf_counter()
+    with _progress() as bar:
+        task = bar.add_task(f"{label} seg {seg.index}", total=seg.end - seg.start)
+        for step in range(seg.start, seg.end):
+            lr = lr_at(step, cfg)
+            stats = trainer.train_step(step, lr)
+            done = step + 1
+            if done % cfg.log_every == 0 or done == seg.end:
+                row = {"step": done, "lr": lr, **stats, **trainer.layer_stats(),
+                       "time/ms_per_step": 1000 * (time.perf_counter() - clock) / (done - seg.start),
+                       "mem/peak_mb": peak_memory_mb()}
+                if done % cfg.eval_every == 0 or done == cfg.steps:
+                    row.update(trainer.evaluate())
+                rows.append(row)
+                reason = guard(row) if guard else None
+                if reason:
+                    raise GuardStop(f"{label}: live guard stopped segment {seg.index} at step "
+                                    f"{done}: {reason}; last good checkpoint: {seg.prev_ckpt}")
+            bar.advance(task)
+    io.write_text(seg.log, "".join(json.dumps(r) + "\n" for r in rows))
+    checkpoint.save(seg.ckpt, step=seg.end, fingerprint=fingerprint,
+                    trainer=trainer.state_dict(), rng=rng.capture())
+    return rows
+
+
+def peak_memory_mb() -> float:
+    """Peak CUDA allocation when on a GPU, else the process's peak resident set size."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def read_logs(log_dir: Path) -> list[dict[str, float]]:
+    """All logged rows of a run, in step order."""
+    rows: list[dict[str, float]] = []
+    for path in sorted(log_dir.glob("seg*.jsonl")):
+        rows.extend(json.loads(line) for line in path.read_text().splitlines() if line)
+    return rows
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn(), transient=True)

@@ -1,0 +1,144 @@
+"""EP-family gradients against the exact implicit (IFT) gradient on a tiny equilibrium LM.
+
+float64, V=11 T=6 C=8 H=2 B=2. The free phase is run to res 1e-12 so that the implicit
+gradient, a long BPTT unroll and EP (small beta, long T2) all refer to the same z*.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from models.eqt.bptt import BPTTConfig, bptt_gradients
+from models.eqt.diagnostics import cosine, grad_cosines
+from models.eqt.ep import EPConfig, ep_gradients
+from models.eqt.implicit import implicit_gradients
+from models.eqt.model import EqShape, EquilibriumLM
+from models.eqt.relax import RelaxConfig
+
+TIGHT = RelaxConfig(eps=0.2, t1=100, t1max=3000, res_target=1e-12)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threading only adds overhead on shared cores
+    yield
+    torch.set_num_threads(n)
+
+
+def make(seed: int, block: str = "thick", init_std: float = 0.3,
+         relax_cfg: RelaxConfig = TIGHT) -> tuple[EquilibriumLM, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(seed)
+    model = EquilibriumLM(EqShape(11, 6, n_embd=8, n_head=2, block=block, init_std=init_std),
+                          relax_cfg).double()
+    idx = torch.randint(0, 11, (2, 6))
+    return model, idx, torch.randint(0, 11, (2, 6))
+
+
+def attn(g: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
+    return cosine(g, ref, [n for n in g if ".attn." in n])
+
+
+def test_implicit_matches_converged_bptt() -> None:
+    model, idx, tgt = make(0)
+    g_imp, stats = implicit_gradients(model, idx, tgt)
+    assert stats["residual"] <= 1e-12
+    long = EquilibriumLM(model.shape, RelaxConfig(eps=0.2, t1=int(stats["settle_iters"]) + 100,
+                                                  t1max=5000)).double()
+    long.load_state_dict(model.state_dict())
+    g_bptt, bstats, _ = bptt_gradients(long, idx, tgt, BPTTConfig())
+    assert bstats["residual"] < 1e-12
+    assert cosine(g_imp, g_bptt) > 1 - 1e-9
+    # a short, unconverged unroll is a different gradient: BPTT only equals IFT when converged
+    short = EquilibriumLM(model.shape, RelaxConfig(eps=0.2, t1=5, t1max=5)).double()
+    short.load_state_dict(model.state_dict())
+    assert cosine(g_imp, bptt_gradients(short, idx, tgt)[0]) < 0.99
+
+
+@pytest.mark.parametrize("seed", [0, 1, 5])
+def test_ep_aep_matches_implicit_and_no_aep_does_not(seed: int) -> None:
+    model, idx, tgt = make(seed)
+    free = model.free_phase(idx)
+    g_imp, _ = implicit_gradients(model, idx, tgt, free=free)
+    cos = {}
+    for aep in ("none", "fixed", "tracking"):
+        g, stats = ep_gradients(model, idx, tgt, EPConfig(beta=1e-3, t2=60, aep=aep), free)
+        cos[aep] = grad_cosines(g, g_imp) | {"attn": attn(g, g_imp)}
+        assert stats["residual"] <= 1e-12 and stats["t2"] == 60
+    for aep in ("fixed", "tracking"):
+        assert cos[aep]["cos/global"] >= 0.999, cos[aep]
+        assert cos[aep]["attn"] >= 0.999, cos[aep]
+        assert abs(cos[aep]["norm_ratio"] - 1) < 1e-2
+    # uncorrected force-form EP is biased on a non-conservative block (log: ~0.25 on attention)
+    assert cos["none"]["attn"] < cos["tracking"]["attn"] - 0.1, cos["none"]
+    assert cos["none"]["cos/global"] < 0.95
+
+
+def test_ep_matches_converged_bptt() -> None:
+    model, idx, tgt = make(2)
+    free = model.free_phase(idx)
+    long = EquilibriumLM(model.shape, RelaxConfig(eps=0.2, t1=free.steps + 100,
+                                                  t1max=5000)).double()
+    long.load_state_dict(model.state_dict())
+    g_bptt, _, _ = bptt_gradients(long, idx, tgt)
+    g_ep, _ = ep_gradients(model, idx, tgt, EPConfig(beta=1e-3, t2=60, aep="tracking"), free)
+    assert cosine(g_ep, g_bptt) >= 0.999
+
+
+def test_holomorphic_beats_real_centered_at_large_radius() -> None:
+    model, idx, tgt = make(0)
+    free = model.free_phase(idx)
+    g_imp, _ = implicit_gradients(model, idx, tgt, free=free)
+
+    def rel_err(g: dict[str, torch.Tensor]) -> float:
+        diff = {n: g[n] - g_imp[n] for n in g}
+        return float(sum(d.pow(2).sum() for d in diff.values()).sqrt()
+                     / sum(r.pow(2).sum() for r in g_imp.values()).sqrt())
+
+    r = 0.3
+    g_holo, _ = ep_gradients(model, idx, tgt, EPConfig(t2=150, aep="tracking", holomorphic_n=4,
+                                                       holomorphic_r=r), free)
+    g_real, _ = ep_gradients(model, idx, tgt, EPConfig(t2=150, aep="tracking", beta=r), free)
+    assert cosine(g_holo, g_imp) >= 0.999
+    # bias O(r^N) vs O(r^2): much smaller error at the same radius
+    assert rel_err(g_holo) < 0.1 * rel_err(g_real), (rel_err(g_holo), rel_err(g_real))
+    # N = 2 on the circle is exactly the real centered estimator at beta = r
+    g_n2, _ = ep_gradients(model, idx, tgt, EPConfig(t2=150, aep="tracking", holomorphic_n=2,
+                                                     holomorphic_r=r), free)
+    assert cosine(g_n2, g_real) > 1 - 1e-12
+
+
+def test_conservative_block_needs_no_aep() -> None:
+    model, idx, tgt = make(0, block="conservative", init_std=0.1)
+    free = model.free_phase(idx)
+    g_imp, _ = implicit_gradients(model, idx, tgt, free=free)
+    g_ep, _ = ep_gradients(model, idx, tgt, EPConfig(beta=1e-3, t2=60, aep="none"), free)
+    assert cosine(g_ep, g_imp) >= 0.999
+    # and the symmetric Jacobian really is symmetric: the AEP correction changes nothing
+    g_fix, _ = ep_gradients(model, idx, tgt, EPConfig(beta=1e-3, t2=60, aep="fixed"), free)
+    assert cosine(g_ep, g_fix) > 1 - 1e-9
+
+
+def test_adaptive_t2_keeps_the_settled_snapshot() -> None:
+    model, idx, tgt = make(0)
+    free = model.free_phase(idx)
+    g_imp, _ = implicit_gradients(model, idx, tgt, free=free)
+    cfg = EPConfig(beta=1e-3, aep="tracking", adaptive_t2=True, t2_max=80, snapshot_every=4)
+    g, stats = ep_gradients(model, idx, tgt, cfg, free)
+    assert 8 <= stats["t2"] <= 80 and stats["t2"] % 4 == 0
+    assert cosine(g, g_imp) >= 0.999
+    # a too-short fixed T2 is visibly worse than the selected snapshot
+    g_short, _ = ep_gradients(model, idx, tgt, EPConfig(beta=1e-3, t2=4, aep="tracking"), free)
+    assert cosine(g_short, g_imp) < cosine(g, g_imp)
+
+
+def test_complex_force_extends_the_real_force() -> None:
+    model, idx, _ = make(1)
+    x_in = model.x_in(idx).detach()
+    z = x_in + 0.1 * torch.randn_like(x_in)
+    real = model.block(z, x_in)
+    cplx = model.block.forward_complex(z.to(torch.complex128), x_in.to(torch.complex128))
+    assert torch.allclose(cplx.real, real, atol=1e-12) and cplx.imag.abs().max() < 1e-12

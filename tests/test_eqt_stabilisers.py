@@ -1,0 +1,150 @@
+"""jacreg / controller / resreg / validity gate / calibration / abscissa on a tiny float64 block."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch.func import jvp
+
+from models.eqt.calibration import calibrate
+from models.eqt.diagnostics import fingerprint, numerical_abscissa, self_coherence
+from models.eqt.ep import EPConfig
+from models.eqt.model import EqShape, EquilibriumLM, gradients
+from models.eqt.relax import RelaxConfig
+from models.eqt.stabilisers import (
+    JacregController,
+    StabiliserConfig,
+    jacobian_penalty,
+    residual_penalty,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make(seed: int = 0, relax_cfg: RelaxConfig | None = None,
+         damping: float = 1.0) -> tuple[EquilibriumLM, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(seed)
+    cfg = relax_cfg or RelaxConfig(eps=0.2, t1=100, t1max=1000, res_target=1e-10)
+    model = EquilibriumLM(EqShape(11, 6, n_embd=8, n_head=2, init_std=0.3, damping=damping),
+                          cfg).double()
+    return model, torch.randint(0, 11, (2, 6)), torch.randint(0, 11, (2, 6))
+
+
+def test_controller_floor_clip_and_state_dict() -> None:
+    ctl = JacregController(lam=0.5, floor=0.1, lam_max=4.0, target=1e-3, ema=0.5)
+    for _ in range(200):  # a perfectly converged residual keeps pulling lambda down
+        ctl.update(0.0)
+        assert ctl.lam >= 0.1
+    assert ctl.lam == pytest.approx(0.1)
+    for _ in range(200):
+        ctl.update(1.0)
+        assert ctl.lam <= 4.0
+    assert ctl.lam == pytest.approx(4.0)
+    ctl.update(0.5e-3)
+    other = JacregController(lam=0.5, floor=0.1, lam_max=4.0, target=1e-3, ema=0.5)
+    other.load_state_dict(ctl.state_dict())
+    assert other.state_dict() == ctl.state_dict()
+    assert other.update(2e-3) == ctl.update(2e-3)
+    ctl.update(math.nan)
+    assert ctl.lam == 4.0
+    with pytest.raises(ValueError, match="floor"):
+        JacregController(floor=0.0)
+
+
+def test_controller_rule_is_the_logged_power_law() -> None:
+    ctl = JacregController(lam=1.0, floor=0.01, lam_max=100.0, target=1e-3, ema=0.0)
+    assert ctl.update(8e-3) == pytest.approx(8**0.3)
+
+
+def test_jacreg_hutchinson_is_unbiased_for_the_frobenius_norm() -> None:
+    model, idx, _ = make()
+    z = model.free_phase(idx).z
+    with torch.no_grad():
+        jac = torch.autograd.functional.jacobian(model.block.interaction, z)
+    exact = float(jac.reshape(z.numel(), z.numel()).pow(2).sum() / z.numel())
+    torch.manual_seed(1)
+    est = sum(float(jacobian_penalty(model, z)) for _ in range(400)) / 400
+    assert est == pytest.approx(exact, rel=0.1)
+    pen = jacobian_penalty(model, z)
+    grads = torch.autograd.grad(pen, [model.block.attn.q.weight, model.head.weight],
+                                allow_unused=True)
+    assert grads[0] is not None and grads[0].abs().sum() > 0  # differentiable in theta
+    assert grads[1] is None  # the head is not part of F
+
+
+def test_resreg_value_and_detached_state() -> None:
+    model, idx, _ = make()
+    run = model.free_phase(idx)
+    z = run.z_t1.clone().requires_grad_(True)
+    r = residual_penalty(model, idx, z)
+    eps = model.relax_cfg.eps
+    f = model.force(z.detach(), model.x_in(idx))
+    assert float(r) == pytest.approx(float((eps * f).pow(2).sum()
+                                           / (z.detach().pow(2).sum() + eps)))
+    r.backward()
+    assert z.grad is None and model.block.ffn.fc.weight.grad is not None
+
+
+def test_gate_skips_task_gradient_but_keeps_stabiliser() -> None:
+    model, idx, tgt = make(relax_cfg=RelaxConfig(eps=0.2, t1=3, t1max=3))  # far from converged
+    ctl = JacregController(lam=1.0, floor=0.1, target=1e-3)
+    cfg = EPConfig(t2=5, stab=StabiliserConfig(gate=1e-3))
+    grads, stats = gradients(model, idx, tgt, cfg, controller=ctl)
+    assert stats["gate_skipped"] == 1.0 and stats["residual"] > 1e-3
+    assert stats["lambda"] == 1.0 and "term/jacreg" in stats
+    assert float(grads["head.weight"].abs().sum()) == 0.0  # no task term reached the head
+    assert float(grads["block.attn.q.weight"].abs().sum()) > 0  # jacreg did reach attention
+    assert ctl.lam > 1.0  # the large residual raised lambda for the next step
+
+
+def test_gradients_dispatch_stats_and_self_coherence() -> None:
+    model, idx, tgt = make()
+    cfg = EPConfig(beta=1e-3, t2=30, stab=StabiliserConfig(resreg=0.2))
+    g1, stats = gradients(model, idx, tgt, cfg)
+    assert {"residual", "settle_iters", "loss", "term/ce", "term/resreg", "lambda"} <= set(stats)
+    assert stats["gate_skipped"] == 0.0
+    assert set(g1) == {n for n, _ in model.named_parameters()}
+    g2, _ = gradients(model, idx, tgt, cfg)
+    assert self_coherence(g1, g2) == pytest.approx(1.0)
+    idx2, tgt2 = torch.randint(0, 11, (2, 6)), torch.randint(0, 11, (2, 6))
+    assert -1.0 <= self_coherence(g1, gradients(model, idx2, tgt2, cfg)[0]) < 1.0
+
+
+def test_numerical_abscissa_matches_dense_eigendecomposition() -> None:
+    model, idx, tgt = make()
+    z = model.free_phase(idx).z
+    x_in = model.x_in(idx).detach()
+    with torch.no_grad():
+        jac = torch.autograd.functional.jacobian(lambda u: model.force(u, x_in), z)
+    j = jac.reshape(z.numel(), z.numel())
+    exact = float(torch.linalg.eigvalsh(0.5 * (j + j.T)).max())
+    est = numerical_abscissa(model, idx, z, iters=3000, tol=1e-13)
+    assert est == pytest.approx(exact, abs=1e-3)
+    _, jv = jvp(lambda u: model.force(u, x_in), (z,), (torch.ones_like(z),))
+    assert torch.allclose(jv.flatten(), j @ torch.ones(z.numel(), dtype=z.dtype))
+    fp = fingerprint(model, idx, tgt, EPConfig(beta=1e-3, t2=30), [(idx, tgt)])
+    assert set(fp) == {"residual", "cos", "abscissa", "val_ce"}
+    # non-normal J: a stable fixed point can have a positive abscissa (transient growth)
+    assert fp["abscissa"] == pytest.approx(exact, abs=1e-2) and fp["cos"] > 0.99
+
+
+def test_calibration_validates_searches_and_fails_clearly() -> None:
+    model, idx, _ = make(relax_cfg=RelaxConfig(eps=0.2, t1=100, t1max=400, res_target=1e-6))
+    out = calibrate(model, [idx, torch.randint(0, 11, (2, 6))])
+    assert not out["changed"] and out["init_residual"] <= 1e-6
+    assert math.isfinite(out["init_abscissa"])
+    # eps = 1.5 overshoots (|1 - eps (1 + c)| > 1): search halves it until it converges
+    hot, idx, _ = make(relax_cfg=RelaxConfig(eps=1.5, t1=20, t1max=100, res_target=1e-6))
+    out = calibrate(hot, [idx])
+    assert out["changed"] and out["relax"]["eps"] < 1.5 and not out["trials"][0]["ok"]
+    with pytest.raises(ValueError, match=r"eps=1.5.*t1max.*damping"):
+        calibrate(hot, [idx], search=False)

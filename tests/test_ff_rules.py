@@ -1,0 +1,275 @@
+"""Definition tests for the feed-forward learning rules (float64, tiny nets)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.ff.energy import EnergyMLP, EnergyMLPConfig
+from models.ff.metrics import cosine
+from models.ff.mlp import DeepMLP, MLPConfig, evaluate, true_state_grads
+from models.ff.rules import (
+    CONFIGS,
+    DFA,
+    DTP,
+    EP,
+    PC,
+    RULES,
+    CreditBridge,
+    CreditBridgeConfig,
+    DFAConfig,
+    DTPConfig,
+    EPConfig,
+    PCConfig,
+)
+
+torch.set_num_threads(2)
+
+
+def tiny_net(seed: int = 0, **kw: object) -> DeepMLP:
+    torch.manual_seed(seed)
+    cfg = dict(d_in=5, d_out=3, width=6, depth=2, block_layers=2, d_ff=8, act="gelu")
+    cfg.update(kw)
+    return DeepMLP(MLPConfig(**cfg)).double()
+
+
+def batch(n: int = 8, d_in: int = 5, k: int = 3, seed: int = 1) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, d_in, generator=g, dtype=torch.float64),
+            torch.randint(0, k, (n,), generator=g))
+
+
+def test_dfa_update_is_feedback_times_derivative_by_hand() -> None:
+    net = tiny_net(block_layers=1, act="tanh")
+    rule = DFA(net, DFAConfig(feedback_scale=0.7, seed=3))
+    x, y = batch()
+    rule.update(x, y)
+    with torch.no_grad():
+        hs = net.states(x)
+        p = torch.softmax(net.readout(hs[-1]), -1)
+        e = (p - F.one_hot(y, 3).double()) / x.shape[0]
+        for i, blk in enumerate(net.blocks, start=1):
+            u = blk.ln(hs[i - 1])
+            a = u @ blk.fc1.weight.T + blk.fc1.bias
+            delta = (0.7 * e @ rule.B[i].T) * (1 - torch.tanh(a) ** 2)
+            torch.testing.assert_close(blk.fc1.weight.grad, delta.T @ u)
+            torch.testing.assert_close(blk.fc1.bias.grad, delta.sum(0))
+        torch.testing.assert_close(net.inp.weight.grad, (0.7 * e @ rule.B[0].T).T @ x)
+        torch.testing.assert_close(net.head.weight.grad, e.T @ net.ln_f(hs[-1]))
+
+
+def test_dtp_targets_follow_difference_formula() -> None:
+    net = tiny_net()
+    rule = DTP(net, DTPConfig(eta=0.3))
+    x, y = batch()
+    with torch.no_grad():
+        hs = net.states(x)
+    taus = rule.targets(hs, y)
+    _, g = true_state_grads(net, x, y)
+    torch.testing.assert_close(taus[-1], hs[-1] - 0.3 * x.shape[0] * g[-1])
+    for i in range(len(hs) - 1):
+        inv = rule.inverses[i]
+        torch.testing.assert_close(taus[i], hs[i] + inv(taus[i + 1]) - inv(hs[i + 1]))
+
+
+def test_dtp_linear_net_with_exact_inverses_gives_gauss_newton_step() -> None:
+    # Linear residual net: h_l = A_l h_{l-1} + b_l with A_l = I + W_l, so h_L = M_l h_l + const,
+    # M_l = A_L ... A_{l+1}. With exact inverses g(h) = A^{-1}(h - b) the difference formula
+    # telescopes: h_l - tau_l = M_l^{-1} (h_L - tau_L) = eta B M_l^{-1} dL/dh_L. That is the
+    # Gauss-Newton step for h_l, -(M^T M)^{-1} M^T grad = -M^{-1} grad (the smallest change of h_l
+    # that moves h_L by -eta B grad), and the layer update is its outer product with the input:
+    # dW_l = (M_l^{-1} g_L)^T h_{l-1} (over eta B), versus BP's (M_l^T g_L)^T h_{l-1}.
+    net = tiny_net(block_layers=1, act="identity", layernorm=False, depth=3)
+    rule = DTP(net, DTPConfig(eta=0.05))
+    eye = torch.eye(6, dtype=torch.float64)
+    with torch.no_grad():
+        for i, blk in enumerate(net.blocks):
+            ainv = torch.linalg.inv(eye + blk.fc1.weight)
+            rule.inverses[i].fc1.weight.copy_(ainv - eye)
+            rule.inverses[i].fc1.bias.copy_(-ainv @ blk.fc1.bias)
+    rule.cfg.inverse_steps = 0  # keep the exact inverses
+    x, y = batch()
+    rule.update(x, y)
+    with torch.no_grad():
+        hs = net.states(x)
+        _, g = true_state_grads(net, x, y)
+        for layer in range(len(hs)):
+            m = eye
+            for j in range(len(net.blocks), layer, -1):
+                m = m @ (eye + net.blocks[j - 1].fc1.weight)
+            c = g[-1] @ torch.linalg.inv(m).T
+            inp = x if layer == 0 else hs[layer - 1]
+            w = net.inp.weight if layer == 0 else net.blocks[layer - 1].fc1.weight
+            torch.testing.assert_close(w.grad, c.T @ inp)
+
+
+def test_pc_settled_errors_match_bp_in_small_error_limit() -> None:
+    net = tiny_net()
+    rule = PC(net, PCConfig(beta=1e-4, precision_lr=0.0, settle_lr=0.1, settle_iters=400,
+                            settle_tol=1e-12, precision_init=1.5))
+    x, y = batch()
+    cred = rule.credit(x, y)
+    _, g = true_state_grads(net, x, y)
+    for c, t in zip(cred, g, strict=True):
+        assert cosine(c, t) >= 0.99
+        assert 0.9 < float(c.norm() / t.norm()) < 1.1
+    rule.update(x, y)
+    pc_grads = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    net.loss(net(x), y).backward()
+    for a, p in zip(pc_grads, net.parameters(), strict=True):
+        assert cosine(a, p.grad) >= 0.99
+
+
+def test_pc_precision_respects_floor_and_is_reported() -> None:
+    net = tiny_net()
+    rule = PC(net, PCConfig(beta=50.0, precision_lr=0.5, precision_floor=0.2, settle_iters=20))
+    with torch.no_grad():
+        rule.r.fill_(-60.0)  # a muted layer: the floor must still hold
+    assert torch.allclose(rule.precision(), torch.full((3,), 0.2, dtype=torch.float64))
+    x, y = batch()
+    stats = {}
+    for _ in range(20):
+        stats = rule.update(x, y)
+    pis = [v for k, v in stats.items() if k.startswith("precision/")]
+    assert all(0.2 <= v < 1e3 for v in pis)
+    assert {"settle_iters", "residual", "precision/inp"} <= stats.keys()
+
+
+def implicit_gradient(net: EnergyMLP, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    """dL/dtheta at the free fixed point by implicit differentiation (explicit Hessian)."""
+    s, _ = net.relax(x, 3000)
+    sizes = [t.numel() for t in s]
+    shapes = [t.shape for t in s]
+
+    def unflat(v: torch.Tensor) -> list[torch.Tensor]:
+        return [p.reshape(sh) for p, sh in zip(v.split(sizes), shapes, strict=True)]
+
+    flat = torch.cat([t.reshape(-1) for t in s])
+    hess = torch.autograd.functional.hessian(lambda v: net.energy(x, unflat(v)), flat)
+    sv = flat.clone().requires_grad_(True)
+    loss_s = net.loss(net.readout(unflat(sv)[-1]), y)
+    (dl,) = torch.autograd.grad(loss_s, sv)
+    lam = torch.linalg.solve(hess, dl)
+    sv = flat.clone().requires_grad_(True)
+    (ge,) = torch.autograd.grad(net.energy(x, unflat(sv)), sv, create_graph=True)
+    params = [p for m in net.layers for p in m.parameters()]
+    g_layers = torch.autograd.grad(-(ge * lam).sum(), params)
+    g_head = torch.autograd.grad(net.loss(net.readout(s[-1]), y), list(net.head.parameters()))
+    return [*g_layers, *g_head]
+
+
+def test_ep_matches_implicit_gradient_at_small_beta() -> None:
+    torch.manual_seed(0)
+    net = EnergyMLP(EnergyMLPConfig(d_in=5, d_out=3, hidden=[6, 4], act="sigmoid", dt=0.5,
+                                    free_steps=2000)).double()
+    with torch.no_grad():
+        for m in net.layers:
+            m.weight.mul_(2.0)
+    rule = EP(net, EPConfig(beta=1e-3, nudge_steps=2000))
+    x, y = batch()
+    rule.update(x, y)
+    ref = implicit_gradient(net, x, y)
+    params = [p for m in net.layers for p in m.parameters()] + list(net.head.parameters())
+    for p, r in zip(params, ref, strict=True):
+        assert cosine(p.grad, r) >= 0.99
+        assert 0.95 < float(p.grad.norm() / r.norm()) < 1.05
+
+
+def test_credit_bridge_terminal_matching_recovers_output_gradient() -> None:
+    net = tiny_net(width=6)
+    rule = CreditBridge(net, CreditBridgeConfig(bridge_lr=2e-2, d_value=32, epochs=1,
+                                                warmup_frac=0.0))
+    x, y = batch(n=16)
+    with torch.no_grad():
+        hs = net.states(x)
+    for _ in range(200):
+        rule.train_values(hs, y)
+    top = hs[-1].clone().requires_grad_(True)
+    (gv,) = torch.autograd.grad(rule.value(top).sum(), top)
+    _, g = net.output_grad(hs[-1], y)
+    assert cosine(gv, g * x.shape[0]) >= 0.97
+    assert 0.9 < float(gv.norm() / (g.norm() * x.shape[0])) < 1.2
+
+
+def test_credit_bridge_uses_dfa_during_warmup() -> None:
+    net = tiny_net()
+    rule = CreditBridge(net, CreditBridgeConfig(epochs=10, warmup_frac=0.2))
+    x, y = batch()
+    with torch.no_grad():
+        hs = net.states(x)
+    rule.set_epoch(1)
+    torch.testing.assert_close(rule.credit(x, y)[0], rule.dfa.credits_from(hs, y)[0])
+    rule.set_epoch(2)
+    assert not torch.allclose(rule.credit(x, y)[0], rule.dfa.credits_from(hs, y)[0])
+
+
+# --- smoke training and checkpoint round trip ---------------------------------------------
+
+def blobs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    centers = 3.0 * torch.randn(4, 10, generator=torch.Generator().manual_seed(99))
+    y = torch.randint(0, 4, (n,), generator=g)
+    return centers[y] + torch.randn(n, 10, generator=g), y
+
+
+def make(rule: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    torch.manual_seed(seed)
+    if rule == "ep":
+        net = EnergyMLP(EnergyMLPConfig(d_in=10, d_out=4, hidden=[32], free_steps=20,
+                                        dt=0.5)).to(dtype)
+        cfg = EPConfig(beta=0.5, nudge_steps=8, seed=seed)
+    else:
+        net = DeepMLP(MLPConfig(d_in=10, d_out=4, width=16, depth=2, d_ff=32)).to(dtype)
+        extra = {"credit_bridge": {"epochs": 10},
+                 "pc": {"noise_std": 0.01, "settle_iters": 8}}.get(rule, {})
+        cfg = CONFIGS[rule](seed=seed, **extra)
+    return net, RULES[rule](net, cfg)
+
+
+@pytest.mark.parametrize("name", sorted(RULES))
+def test_rule_trains_above_chance(name: str) -> None:
+    net, rule = make(name)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    x, y = blobs(256, 0)
+    xt, yt = blobs(256, 1)
+    for step in range(60):
+        rule.set_epoch(step // 6)
+        sl = slice((step % 8) * 32, (step % 8 + 1) * 32)
+        stats = rule.update(x[sl], y[sl])
+        opt.step()
+    assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
+    assert evaluate(net, xt, yt)["accuracy"] > 0.6  # chance 0.25
+
+
+@pytest.mark.parametrize("name", sorted(RULES))
+def test_state_dict_round_trip_is_bitwise(name: str) -> None:
+    net, rule = make(name, seed=0, dtype=torch.float64)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    x, y = blobs(32, 0)
+    x = x.double()
+    for _ in range(2):
+        rule.set_epoch(3)
+        rule.update(x, y)
+        opt.step()
+    snap = copy.deepcopy({"net": net.state_dict(), "rule": rule.state_dict(),
+                          "opt": opt.state_dict()})
+    rule.update(x, y)
+    opt.step()
+    stats_a = rule.update(x, y)
+    grads_a = [p.grad.clone() for p in net.parameters()]
+
+    net2, rule2 = make(name, seed=5, dtype=torch.float64)
+    opt2 = torch.optim.Adam(net2.parameters(), lr=1e-2)
+    net2.load_state_dict(snap["net"])
+    rule2.load_state_dict(snap["rule"])
+    opt2.load_state_dict(snap["opt"])
+    rule2.update(x, y)
+    opt2.step()
+    stats_b = rule2.update(x, y)
+    assert stats_a == stats_b
+    for a, b in zip(grads_a, net2.parameters(), strict=True):
+        assert torch.equal(a, b.grad)
