@@ -73,10 +73,11 @@ def _study_section(study: Any, runs: list[RunSpec], diagnostics: dict[RunSpec, d
     first = diagnostics[runs[0]]["metrics"]
     ref = first.get("ln_vocab")
     figures = out_dir / "figures"
-    for metric, label in (("val_loss", "validation cross-entropy"), ("loss", "training loss")):
-        png = figures / f"{study.name}_{metric}.png"
-        if curves_plot(curves, metric, png, f"{study.name}: {label}", ref=ref,
-                       ref_label="ln V (uniform)" if ref else ""):
+    for metric, label in study.plots:
+        png = figures / f"{study.name}_{metric.replace('/', '_')}.png"
+        is_ce = metric in ("val_loss", "loss")
+        if curves_plot(curves, metric, png, f"{study.name}: {label}", ref=ref if is_ce else None,
+                       ref_label="ln V (uniform)" if ref and is_ce else ""):
             lines += [f"![{label}](figures/{png.name})", ""]
     lines += ["### Runs behind the table", "",
               "| row | seed | run dir | fingerprint | steps | final val CE |", "|---|---|---|---|---|---|"]

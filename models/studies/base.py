@@ -36,6 +36,7 @@ class Study(Protocol):
     title: str
     datasets: tuple[str, ...]  # which prepare outputs it reads: "tokens", ...
     columns: tuple[tuple[str, str], ...]  # (metric key, label) of the result table, in order
+    plots: tuple[tuple[str, str], ...]  # (logged key, label): one learning-curve figure each
 
     def calibrate(self, params: Params, row: str, device: torch.device) -> dict[str, Any]: ...
 

@@ -116,6 +116,7 @@ class EqtLMStudy:
     datasets = ("tokens",)
     columns = (("best_val_loss", "best val CE"), ("final_val_loss", "final val CE"),
                ("ms_per_step", "ms/step"), ("peak_mem_mb", "peak MB"))
+    plots = (("val_loss", "validation cross-entropy"), ("loss", "training loss"))
 
     def build_trainer(self, params: Params, spec: RunSpec, calibration: dict[str, Any],
                       device: torch.device) -> BPTransformerTrainer:
