@@ -119,7 +119,7 @@ STAGE_CODE: dict[str, list[str]] = {
     "calibrate": ["stages/calibrate.py", "models/studies", "models/nets", "models/config.py"],
     "train": ["stages/train.py", "models/studies", "models/nets", "models/training",
               "models/config.py"],
-    "diagnose": ["stages/diagnose.py", "models/studies", "models/nets"],
+    "diagnose": ["stages/diagnose.py", "models/studies", "models/nets", "models/health"],
     "report": ["stages/report.py", "models/report"],
 }
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import typer
 
 from models import io
+from models.health import Severity, run_all
 from models.pipeline import RunSpec, run_config, training_fingerprint
 from models.studies import get_study
 from models.training import checkpoint
@@ -17,6 +19,10 @@ from stages._cli import PARAMS_OPTION, app, clear_errors, load
 cli = app(__doc__ or "")
 
 
+class HealthFailure(ValueError):
+    """A finding at or above params `health.fail_on` (off by default: findings are data)."""
+
+
 @cli.command()
 @clear_errors
 def main(study: str = typer.Option(..., help="Study key under params `studies`."),
@@ -25,8 +31,10 @@ def main(study: str = typer.Option(..., help="Study key under params `studies`."
          params: Path = PARAMS_OPTION) -> None:
     """Write runs/<study>/<row>/seed<seed>/diagnostics.json.
 
-    Metrics are computed on the validation split (never the training windows); the training
-    curves are summarised from the segment logs (best val CE, time per step, peak memory).
+    Metrics are computed on the held-out split (never the training windows); the training
+    curves are summarised from the segment logs (best val CE, time per step, peak memory); the
+    health detectors (models/health) run on the logs and the study's extras. Exit status is 0
+    whatever they find unless params `health.fail_on` is error or fatal.
     """
     cfg = load(params)
     spec = RunSpec(study, row, seed)
@@ -48,11 +56,21 @@ def main(study: str = typer.Option(..., help="Study key under params `studies`."
         "peak_mem_mb": max(r["mem/peak_mb"] for r in logs),
         "steps": train_cfg.steps,
     })
-    result.update({"run": spec.name(), "run_dir": str(spec.dir), "config": run_config(cfg, spec),
-                   "fingerprint": training_fingerprint(cfg, spec)})
+    config = run_config(cfg, spec)
+    extras = {**result.pop("extras", {}), "config_train": state.get("config") or config,
+              "config_eval": config}
+    findings = run_all(pd.DataFrame.from_records(logs), extras, run=spec.name())
+    result.update({"run": spec.name(), "run_dir": str(spec.dir), "config": config,
+                   "fingerprint": training_fingerprint(cfg, spec),
+                   "health": [f.to_dict() for f in findings]})
     io.write_json(spec.diagnostics, result)
-    print(f"diagnose: {spec.name()} val CE {result['metrics']['val_loss']:.4f} -> "
-          f"{spec.diagnostics}")
+    print(f"diagnose: {spec.name()} val {result['metrics']['val_loss']:.4f}, "
+          f"{len(findings)} health findings -> {spec.diagnostics}")
+    for finding in findings:
+        print(f"  {finding}")
+    if cfg.health.fail_on != "never" and any(
+            f.severity >= Severity.parse(cfg.health.fail_on) for f in findings):
+        raise HealthFailure(f"health.fail_on={cfg.health.fail_on}: {findings[0]}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ import typer
 
 from models import io
 from models.config import Params
-from models.pipeline import RunSpec, training_fingerprint
+from models.health import live_guard
+from models.pipeline import RunSpec, run_config, training_fingerprint
 from models.studies import get_study
 from models.training import checkpoint
 from models.training.device import resolve_device
@@ -49,12 +50,15 @@ def main(study: str = typer.Option(..., help="Study key under params `studies`."
         raise FileNotFoundError(f"{spec.calibration} not found; run `python -m stages.calibrate "
                                 f"--study {study} --row {row}`")
     device = resolve_device(cfg.device)
-    trainer = get_study(study).build_trainer(cfg, spec, io.read_json(spec.calibration), device)
+    calibration = io.read_json(spec.calibration)
+    trainer = get_study(study).build_trainer(cfg, spec, calibration, device)
     seg = Segment(index=segment, start=segment * train_cfg.segment_steps,
                   end=train_cfg.segment_end(segment), ckpt=spec.ckpt(segment),
                   prev_ckpt=spec.ckpt(segment - 1) if segment else None, log=spec.log(segment))
-    rows = run_segment(trainer, seg, train_cfg, training_fingerprint(cfg, spec),
-                       label=spec.name())
+    ln_v = calibration.get("ln_vocab")
+    guard = live_guard(loss_limit=1.5 * ln_v if ln_v else None) if train_cfg.live_guard else None
+    rows = run_segment(trainer, seg, train_cfg, training_fingerprint(cfg, spec), guard,
+                       label=spec.name(), config=run_config(cfg, spec))
     last = rows[-1] if rows else {}
     print(f"train: {spec.name()} segment {segment} steps {seg.start}-{seg.end} "
           f"loss {last.get('loss', float('nan')):.4f}")

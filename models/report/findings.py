@@ -67,7 +67,15 @@ def build_report(params: Params, runs: list[RunSpec], out_dir: Path = REPORTS) -
 
 def _study_section(study: Any, runs: list[RunSpec], diagnostics: dict[RunSpec, dict[str, Any]],
                    summary: pd.DataFrame, columns: list[tuple[str, str]], out_dir: Path) -> str:
-    lines = [f"## {study.title}", "", markdown_table(summary, columns), ""]
+    findings = sorted((f for s in runs for f in diagnostics[s].get("health", [])),
+                      key=lambda f: -SEVERITY_ORDER.index(f["severity"]))
+    flagged = {f["run"].split("/")[1] for f in findings
+               if SEVERITY_ORDER.index(f["severity"]) >= SEVERITY_ORDER.index("error")}
+    marks = {row: " ⚠" for row in flagged}
+    lines = [f"## {study.title}", "", markdown_table(summary, columns, marks), ""]
+    if marks:
+        lines += ["⚠ = at least one run of this row raised an error-severity health finding "
+                  "(see Health below).", ""]
     curves = pd.DataFrame.from_records(
         [{"row": s.row, "seed": s.seed, **r} for s in runs for r in read_logs(s.log_dir)])
     first = diagnostics[runs[0]]["metrics"]
@@ -98,8 +106,23 @@ def _study_section(study: Any, runs: list[RunSpec], diagnostics: dict[RunSpec, d
             for text in texts or []:
                 lines.append(f"- **{spec.row}**: {_one_line(text)}")
         lines.append("")
-    lines += ["### Health", "", "No health detectors have run on this study yet.", ""]
+    lines += ["### Health", ""]
+    if not findings:
+        lines += [f"All detectors of `models/health` ran on the {len(runs)} runs above: no findings.",
+                  ""]
+    for f in findings:
+        lines.append(f"- **{f['severity']}** `{f['detector']}` [{f['run']}]: {f['message']} "
+                     f"(look at {f['where']})")
+    extra = getattr(study, "extra_markdown", None)
+    if extra is not None:
+        lines += ["", extra(pd.DataFrame.from_records(
+            [{"study": s.study, "row": s.row, "seed": s.seed, "run_dir": str(s.dir),
+              **diagnostics[s]["metrics"]} for s in runs]))]
+    lines.append("")
     return "\n".join(lines)
+
+
+SEVERITY_ORDER = ["info", "warning", "error", "fatal"]
 
 
 def _one_line(text: str, limit: int = 240) -> str:

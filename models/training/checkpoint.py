@@ -17,9 +17,10 @@ class CheckpointError(RuntimeError):
 
 
 def save(path: Path, *, step: int, fingerprint: str, trainer: dict[str, Any],
-         rng: dict[str, Any]) -> None:
+         rng: dict[str, Any], config: dict[str, Any] | None = None) -> None:
+    """``config`` is the resolved run config training used (for train/eval drift checks)."""
     io.torch_save(path, {"format": FORMAT, "step": step, "fingerprint": fingerprint,
-                         "trainer": trainer, "rng": rng})
+                         "trainer": trainer, "rng": rng, "config": config})
 
 
 def load(path: Path, *, fingerprint: str, step: int) -> dict[str, Any]:

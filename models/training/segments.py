@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -40,7 +41,7 @@ class Segment:
 
 def run_segment(trainer: Trainer, seg: Segment, cfg: TrainConfig, fingerprint: str,
                 guard: Callable[[dict[str, float]], str | None] | None = None,
-                label: str = "") -> list[dict[str, float]]:
+                label: str = "", config: dict[str, Any] | None = None) -> list[dict[str, float]]:
     """Train one segment; returns the logged rows (also written to ``seg.log``)."""
     if seg.prev_ckpt is not None:
         state = checkpoint.load(seg.prev_ckpt, fingerprint=fingerprint, step=seg.start)
@@ -68,7 +69,7 @@ def run_segment(trainer: Trainer, seg: Segment, cfg: TrainConfig, fingerprint: s
             bar.advance(task)
     io.write_text(seg.log, "".join(json.dumps(r) + "\n" for r in rows))
     checkpoint.save(seg.ckpt, step=seg.end, fingerprint=fingerprint,
-                    trainer=trainer.state_dict(), rng=rng.capture())
+                    trainer=trainer.state_dict(), rng=rng.capture(), config=config)
     return rows
 
 
