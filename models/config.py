@@ -12,10 +12,14 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+if TYPE_CHECKING:  # the real import is at the bottom (config_ff builds on this module)
+    from models.config_ff import RulesLadderConfig, RulesLQConfig, RulesVisionConfig
 
 PARAMS_FILE = Path("params.yaml")
 PROFILE_ENV = "BPFREE_PROFILE"
@@ -61,9 +65,17 @@ class TokenizerConfig(Strict):
     vocab_size: Annotated[int, Field(ge=260, le=65535)] = 512
 
 
+class Mnist1DDataConfig(Strict):
+    """MNIST-1D, generated offline by the ``mnist1d`` package (4/5 train, 1/5 test)."""
+
+    num_samples: Annotated[int, Field(ge=100)] = 5000
+    seed: int = 42
+
+
 class DataConfig(Strict):
     text: TextDataConfig = TextDataConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
+    mnist1d: Mnist1DDataConfig = Mnist1DDataConfig()
 
 
 # ---------------------------------------------------------------- training
@@ -122,7 +134,105 @@ class BPRule(Strict):
     model: dict[str, Any] = {}
 
 
-LMRule = Annotated[BPRule, Field(discriminator="kind")]
+class RelaxParams(Strict):
+    """Free phase of the equilibrium block (models.eqt.relax.RelaxConfig; log 003's recipe)."""
+
+    eps: Annotated[float, Field(gt=0, le=1)] = 0.1
+    t1: Annotated[int, Field(ge=1)] = 150
+    t1max: Annotated[int, Field(ge=1)] = 300
+    res_target: Annotated[float, Field(gt=0, lt=1)] = 1e-4
+    chunk: Annotated[int, Field(ge=1)] = 10
+
+    @model_validator(mode="after")
+    def _order(self) -> RelaxParams:
+        if self.t1max < self.t1:
+            raise ValueError(f"t1max={self.t1max} must be >= t1={self.t1}")
+        return self
+
+
+class StabParams(Strict):
+    """Stabilisers (models.eqt.stabilisers). With ``controller`` on, lambda starts at ``lam`` and
+    follows the residual, clipped to [floor, lam_max]; the floor must stay > 0 (log 003: two
+    lambda -> 0 runs exploded while res read 0). With it off, ``jacreg`` is a fixed lambda."""
+
+    controller: bool = True
+    lam: Annotated[float, Field(gt=0)] = 0.1
+    floor: Annotated[float, Field(gt=0)] = 0.1
+    lam_max: Annotated[float, Field(gt=0)] = 16.0
+    target: Annotated[float, Field(gt=0)] = 1.5e-3
+    ema: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    power: Annotated[float, Field(gt=0)] = 0.3
+    jacreg: Annotated[float, Field(ge=0)] = 0.0
+    resreg: Annotated[float, Field(ge=0)] = 0.0
+    gate: Annotated[float, Field(gt=0)] | None = None
+
+    @model_validator(mode="after")
+    def _range(self) -> StabParams:
+        if not self.floor <= self.lam_max:
+            raise ValueError(f"floor={self.floor} must not exceed lam_max={self.lam_max}")
+        return self
+
+
+class EqBlockParams(Strict):
+    """The equilibrium block and its initialisation (models.eqt.model.EqShape)."""
+
+    kind: Literal["thick", "conservative"] = "thick"
+    damping: Annotated[float, Field(ge=0)] = 1.0
+    emb_std: Annotated[float, Field(gt=0)] = 1.0
+    init_std: Annotated[float, Field(gt=0)] = 0.02
+    resinit: Annotated[float, Field(gt=0)] = 1.0
+
+
+class NudgeParams(Strict):
+    """The EP estimator (models.eqt.ep.EPConfig): centered +-beta nudging for T2 steps, or N
+    holomorphic points of radius r; AEP correction none | fixed | tracking."""
+
+    beta: Annotated[float, Field(gt=0)] = 0.02
+    t2: Annotated[int, Field(ge=1)] = 20
+    aep: Literal["none", "fixed", "tracking"] = "tracking"
+    holomorphic_n: Annotated[int, Field(ge=0)] = 0
+    holomorphic_r: Annotated[float, Field(gt=0)] = 0.02
+    adaptive_t2: bool = False
+    t2_max: Annotated[int, Field(ge=1)] = 80
+    snapshot_every: Annotated[int, Field(ge=1)] = 4
+
+    @model_validator(mode="after")
+    def _holo(self) -> NudgeParams:
+        if self.holomorphic_n == 1:
+            raise ValueError("holomorphic_n=1 has no centered contrast; use 0 (real +-beta) or >= 2")
+        if self.adaptive_t2 and self.t2_max < 2 * self.snapshot_every:
+            raise ValueError(f"adaptive_t2 needs t2_max >= 2 * snapshot_every (got t2_max="
+                             f"{self.t2_max}, snapshot_every={self.snapshot_every})")
+        return self
+
+
+class BPTTRule(Strict):
+    """Backprop through the T1-step unroll of the equilibrium block (the exact-gradient control)."""
+
+    kind: Literal["bptt"] = "bptt"
+    train: dict[str, Any] = {}
+    model: dict[str, Any] = {}
+    block: EqBlockParams = EqBlockParams()
+    relax: RelaxParams = RelaxParams()
+    stab: StabParams = StabParams()
+
+
+class EPRule(Strict):
+    """Equilibrium propagation on the equilibrium block. ``cos_every``: steps between training-time
+    measurements of cos(g_EP, g_BPTT) on the training batch (0 = off; each costs one EP and one
+    BPTT gradient)."""
+
+    kind: Literal["ep"] = "ep"
+    train: dict[str, Any] = {}
+    model: dict[str, Any] = {}
+    block: EqBlockParams = EqBlockParams()
+    relax: RelaxParams = RelaxParams()
+    stab: StabParams = StabParams()
+    nudge: NudgeParams = NudgeParams()
+    cos_every: Annotated[int, Field(ge=0)] = 0
+
+
+LMRule = Annotated[BPRule | BPTTRule | EPRule, Field(discriminator="kind")]
 
 
 class LMStudyConfig(Strict):
@@ -154,7 +264,12 @@ class LMStudyConfig(Strict):
 
 
 class StudiesConfig(Strict):
+    """The FF study types live in models/config_ff.py (linked at the bottom of this module)."""
+
     eqt_lm: LMStudyConfig | None = None
+    rules_vision: RulesVisionConfig | None = None
+    rules_ladder: RulesLadderConfig | None = None
+    rules_lq: RulesLQConfig | None = None
 
 
 class HealthConfig(Strict):
@@ -177,7 +292,9 @@ class Params(Strict):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N (got {self.device!r})")
         return self
 
-    def study(self, name: str) -> LMStudyConfig:
+    def study(self, name: str) -> Any:
+        """The study's config (LMStudyConfig, RulesVisionConfig, ...): all offer ``rows``,
+        ``rules``, ``row_train(row)`` and ``row_model(row)``."""
         cfg = getattr(self.studies, name, None)
         if cfg is None:
             enabled = [n for n, c in self.studies if c is not None]
@@ -248,7 +365,7 @@ def _merge_checked(base: Strict, override: dict[str, Any], where: str) -> Any:
 def format_validation_error(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
+        loc = ".".join(str(p) for p in _shown_loc(err.title, e["loc"]))
         if e["type"] == "extra_forbidden":
             parent = _model_at(err.title, e["loc"][:-1])
             allowed = sorted(parent.model_fields) if parent else []
@@ -263,36 +380,68 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def _model_at(title: str, loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """Walk the schema along ``loc`` to find the model whose keys are allowed there."""
+def _shown_loc(title: str, loc: tuple[Any, ...]) -> list[Any]:
+    """``loc`` as the user wrote it: without validator markers and discriminator tags (pydantic
+    puts the rule's ``kind`` into the path: rules.ep.ep.beta -> rules.ep.beta)."""
     models = {m.__name__: m for m in (Params, TrainConfig, LMModelConfig)}
-    model: Any = models.get(title, Params)
+    ann: Any = models.get(title, Params)
+    shown = []
     for part in loc:
-        if isinstance(part, int) or model is None:
+        if str(part).startswith("function-after"):
             continue
-        field = getattr(model, "model_fields", {}).get(str(part))
-        if field is None:
-            # a dict key (row name) or a discriminator tag: look inside the value type
-            model = _inner_model(model, part)
+        if ann is not None and _is_tag(ann, part):
+            ann = _step_into(ann, part)
             continue
-        model = _inner_model(field.annotation, None)
-    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+        shown.append(part)
+        ann = _step_into(ann, part) if ann is not None else None
+    return shown
 
 
-def _inner_model(annotation: Any, part: Any) -> Any:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation if part is None else None
-    for arg in getattr(annotation, "__args__", ()) or ():
-        found = _inner_model(arg, None)
-        if found is not None:
-            if part is not None and "kind" in found.model_fields:
-                tag = found.model_fields["kind"].default
-                if tag != part:
-                    continue
-            return found
-    metadata = getattr(annotation, "__metadata__", None)
-    if metadata:
-        return _inner_model(annotation.__origin__, part)
+def _is_tag(annotation: Any, part: Any) -> bool:
+    options = _options(annotation)
+    return len(options) > 1 and any(
+        isinstance(o, type) and issubclass(o, BaseModel) and "kind" in o.model_fields
+        and o.model_fields["kind"].default == part for o in options)
+
+
+def _model_at(title: str, loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """Walk the schema along ``loc`` to find the model whose keys are allowed there.
+
+    ``loc`` mixes field names, dict keys (row names), list indices and discriminator tags (the
+    ``kind`` of a rule); each step narrows the annotation accordingly.
+    """
+    models = {m.__name__: m for m in (Params, TrainConfig, LMModelConfig)}
+    ann: Any = models.get(title, Params)
+    for part in loc:
+        ann = _step_into(ann, part)
+        if ann is None:
+            return None
+    found = [o for o in _options(ann) if isinstance(o, type) and issubclass(o, BaseModel)]
+    return found[0] if len(found) == 1 else None
+
+
+def _options(annotation: Any) -> list[Any]:
+    """The alternatives of an annotation, with Annotated/Optional/Union unwrapped."""
+    if get_origin(annotation) is Annotated:
+        return _options(get_args(annotation)[0])
+    if get_origin(annotation) in (Union, UnionType):
+        return [o for arg in get_args(annotation) for o in _options(arg) if o is not type(None)]
+    return [annotation]
+
+
+def _step_into(annotation: Any, part: Any) -> Any:
+    options = _options(annotation)
+    if _is_tag(annotation, part):
+        return next(o for o in options if isinstance(o, type) and issubclass(o, BaseModel)
+                    and o.model_fields.get("kind") and o.model_fields["kind"].default == part)
+    for opt in options:
+        if isinstance(opt, type) and issubclass(opt, BaseModel):
+            if str(part) in opt.model_fields:
+                return opt.model_fields[str(part)].annotation
+        elif get_origin(opt) is dict:
+            return get_args(opt)[1]
+        elif get_origin(opt) is list and isinstance(part, int):
+            return get_args(opt)[0]
     return None
 
 
@@ -300,3 +449,8 @@ def fingerprint(obj: Any) -> str:
     """Stable short hash of a JSON-able config (what a checkpoint was made with)."""
     blob = json.dumps(obj, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# The FF study schema imports Strict/TrainConfig from here and then rebuilds StudiesConfig/Params
+# with its types; importing it last keeps either import order working.
+import models.config_ff  # noqa: E402, F401

@@ -5,6 +5,7 @@ agree on one layout:
 
     data/text/{train,val}.txt, meta.json          prepare
     data/tokens/{train,val}.bin, tokenizer.json   bpe
+    data/mnist1d/data.npz                         prepare --dataset mnist1d
     runs/<study>/<row>/calibration.json           calibrate
     runs/<study>/<row>/seed<k>/ckpt/seg<i>.pt     train (one file per segment)
     runs/<study>/<row>/seed<k>/log/seg<i>.jsonl   train (the segment's logged rows)
@@ -73,6 +74,10 @@ def tokens_dir() -> Path:
     return DATA / "tokens"
 
 
+def mnist1d_file() -> Path:
+    return DATA / "mnist1d" / "data.npz"
+
+
 def runs(params: Params) -> list[RunSpec]:
     """Every (study, row, seed) the params ask for, in a stable order."""
     return [
@@ -95,6 +100,7 @@ def run_config(params: Params, spec: RunSpec) -> dict[str, Any]:
         "model": study.row_model(spec.row).model_dump(),
         "train": study.row_train(spec.row).model_dump(),
         "rule": study.rules[spec.row].model_dump(exclude={"train", "model"}),
+        **({"task": study.task.model_dump()} if hasattr(study, "task") else {}),
     }
 
 
@@ -115,11 +121,14 @@ def training_fingerprint(params: Params, spec: RunSpec) -> str:
 # exactly the stages it can affect). Directories stand for every .py file under them.
 STAGE_CODE: dict[str, list[str]] = {
     "prepare": ["stages/prepare.py", "models/data/stories.py", "models/data/sources.py"],
+    "prepare_mnist1d": ["stages/prepare.py", "models/ff/tasks/mnist1d.py"],
     "bpe": ["stages/bpe.py", "models/data/tokens.py"],
-    "calibrate": ["stages/calibrate.py", "models/studies", "models/nets", "models/config.py"],
-    "train": ["stages/train.py", "models/studies", "models/nets", "models/training",
-              "models/config.py"],
-    "diagnose": ["stages/diagnose.py", "models/studies", "models/nets", "models/health"],
+    "calibrate": ["stages/calibrate.py", "models/studies", "models/nets", "models/eqt",
+                  "models/ff", "models/config.py", "models/config_ff.py"],
+    "train": ["stages/train.py", "models/studies", "models/nets", "models/eqt", "models/ff",
+              "models/training", "models/config.py", "models/config_ff.py"],
+    "diagnose": ["stages/diagnose.py", "models/studies", "models/nets", "models/eqt", "models/ff",
+                 "models/health"],
     "report": ["stages/report.py", "models/report"],
 }
 

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 from models.studies.base import Study, Trainer
 from models.studies.eqt_lm import EqtLMStudy
+from models.studies.rules_ladder import RulesLadderStudy
+from models.studies.rules_lq import RulesLQStudy
+from models.studies.rules_vision import RulesVisionStudy
 
-STUDIES: dict[str, Study] = {"eqt_lm": EqtLMStudy()}
+STUDIES: dict[str, Study] = {"eqt_lm": EqtLMStudy(), "rules_vision": RulesVisionStudy(),
+                             "rules_ladder": RulesLadderStudy(), "rules_lq": RulesLQStudy()}
 
 __all__ = ["STUDIES", "Study", "Trainer", "get_study"]
 

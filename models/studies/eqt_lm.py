@@ -1,7 +1,9 @@
 """The ``eqt-lm`` study: language modelling on the token corpus, one row per learning rule.
 
-Rows share data, tokenizer, evaluation windows and model width; the BP row trains a standard pre-LN
-transformer (``models.nets.transformer``) of the shape the equilibrium block matches.
+Rows share data, tokenizer, evaluation windows and model shape (n_embd, n_head, block_size). The
+``bp`` row trains a standard pre-LN transformer (``models.nets.transformer``); ``bptt`` and ``ep``
+rows train the equilibrium LM of ``models.eqt`` (one block relaxed to a fixed point) with the
+gradient of the rule (METHODS §2), AdamW on top, the jacreg controller in the loop.
 """
 
 from __future__ import annotations
@@ -14,8 +16,15 @@ import torch
 import torch.nn.functional as F
 
 from models import io
-from models.config import LMModelConfig, Params, TrainConfig
+from models.config import BPTTRule, EPRule, LMModelConfig, Params, TrainConfig
 from models.data.tokens import TokenStream, load_codec, read_tokens
+from models.eqt import bptt as eqt_bptt
+from models.eqt import diagnostics as eqt_diag
+from models.eqt import ep as eqt_ep
+from models.eqt.calibration import calibrate as calibrate_relax
+from models.eqt.model import EqShape, EquilibriumLM, RuleConfig, gradients
+from models.eqt.relax import RelaxConfig
+from models.eqt.stabilisers import JacregController, StabiliserConfig
 from models.nets.transformer import TransformerLM, TransformerShape
 from models.pipeline import RunSpec, tokens_dir
 from models.training import rng
@@ -110,23 +119,173 @@ def _param_stats(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> dic
     return out
 
 
+EqRule = BPTTRule | EPRule
+
+
+def eq_rule_config(rule: EqRule) -> RuleConfig:
+    """The models.eqt rule config of a ``bptt`` / ``ep`` row (params -> library dataclasses)."""
+    stab = StabiliserConfig(jacreg=rule.stab.jacreg, resreg=rule.stab.resreg, gate=rule.stab.gate)
+    if isinstance(rule, BPTTRule):
+        return eqt_bptt.BPTTConfig(stab=stab)
+    n = rule.nudge
+    return eqt_ep.EPConfig(beta=n.beta, t2=n.t2, aep=n.aep, holomorphic_n=n.holomorphic_n,
+                           holomorphic_r=n.holomorphic_r, adaptive_t2=n.adaptive_t2,
+                           t2_max=n.t2_max, snapshot_every=n.snapshot_every, stab=stab)
+
+
+def eq_model(model_cfg: LMModelConfig, rule: EqRule, relax: RelaxConfig) -> EquilibriumLM:
+    if model_cfg.n_layer != 1:
+        raise ValueError(f"the equilibrium LM has one block; set model.n_layer=1 for row kind "
+                         f"{rule.kind!r} (got {model_cfg.n_layer})")
+    b = rule.block
+    return EquilibriumLM(EqShape(
+        vocab_size=vocab_size(), block_size=model_cfg.block_size, n_embd=model_cfg.n_embd,
+        n_head=model_cfg.n_head, qk_norm=model_cfg.qk_norm, damping=b.damping, block=b.kind,
+        emb_std=b.emb_std, init_std=b.init_std, resinit=b.resinit), relax)
+
+
+class EquilibriumTrainer:
+    """AdamW on an ``EquilibriumLM`` with the gradients of a ``bptt`` or ``ep`` row.
+
+    The jacreg probe draws from the global torch RNG, which the segment driver checkpoints, and
+    the controller's (lambda, res EMA) is part of ``state_dict``, so resumed runs are bit-exact.
+    """
+
+    def __init__(self, model_cfg: LMModelConfig, train_cfg: TrainConfig, rule: EqRule,
+                 relax: RelaxConfig, seed: int, device: torch.device) -> None:
+        rng.seed_everything(seed)
+        self.device = device
+        self.cfg = train_cfg
+        self.rule = rule
+        self.rule_cfg = eq_rule_config(rule)
+        self.model = eq_model(model_cfg, rule, relax).to(device)
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": train_cfg.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}], lr=train_cfg.lr, betas=(0.9, 0.95))
+        self.ema = EMA(self.model, train_cfg.ema_decay)
+        st = rule.stab
+        self.controller = JacregController(st.lam, st.floor, st.lam_max, st.target, st.ema,
+                                           st.power) if st.controller else None
+        self.stream = TokenStream(read_tokens(tokens_dir() / "train.bin"), model_cfg.block_size,
+                                  train_cfg.batch_size, seed)
+        self.val = read_tokens(tokens_dir() / "val.bin")
+        self._last: dict[str, float] = {}
+        self._last_x: torch.Tensor | None = None
+
+    @property
+    def cos_every(self) -> int:
+        return self.rule.cos_every if isinstance(self.rule, EPRule) else 0
+
+    def train_step(self, step: int, lr: float) -> dict[str, float]:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x, y = self.stream.next_batch(self.device)
+        out: dict[str, float] = {}
+        if self.cos_every and (step + 1) % self.cos_every == 0:
+            out.update(self.task_cosines(x, y))
+        grads, stats = gradients(self.model, x, y, self.rule_cfg, self.controller)
+        for name, p in self.model.named_parameters():
+            p.grad = grads[name]
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                   self.cfg.grad_clip or float("inf"))
+        before = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.update(self.model)
+        self._last = _param_stats_from(self.model, before, grads)
+        self._last_x = x
+        out.update({k: float(v) for k, v in stats.items() if not k.startswith("grad/")})
+        out["grad_norm"] = float(grad_norm)
+        out["grad/global"] = stats["grad/global"]
+        if self.controller is not None:
+            out["lambda"] = self.controller.lam  # after this step's update (what the next uses)
+        return out
+
+    def task_cosines(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """cos(g_rule, g_BPTT) per group and global on one batch: task gradients only (no
+        stabilisers), at the current weights."""
+        g, _ = eqt_ep.ep_gradients(self.model, x, y, self.rule_cfg)  # type: ignore[arg-type]
+        g_ref, _, _ = eqt_bptt.bptt_gradients(self.model, x, y)
+        return eqt_diag.grad_cosines(g, g_ref)
+
+    def layer_stats(self) -> dict[str, float]:
+        """Gradient/update norms of the last step, and activation RMS of x_in and of z* on the
+        last training batch at the updated weights (one extra no-grad free phase)."""
+        out = dict(self._last)
+        if self._last_x is not None:
+            with torch.no_grad():
+                x_in = self.model.x_in(self._last_x)
+                z = self.model.free_phase(self._last_x).z
+            out["act/x_in"] = x_in.pow(2).mean().sqrt().item()
+            out["act/z_star"] = z.pow(2).mean().sqrt().item()
+        return out
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        return {"val_loss": self.val_loss(self.cfg.eval_batches)}
+
+    @torch.no_grad()
+    def val_loss(self, batches: int, seed: int = EVAL_SEED) -> float:
+        """Held-out CE through the free phase, on the same windows as the BP row."""
+        model = self.ema.averaged(self.model)
+        stream = TokenStream(self.val, model.shape.block_size, self.cfg.batch_size, seed)
+        return float(np.mean([float(model.loss(*stream.next_batch(self.device)))
+                              for _ in range(batches)]))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "ema": self.ema.state_dict(), "stream": self.stream.state_dict(),
+                "controller": None if self.controller is None else self.controller.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.ema.load_state_dict(state["ema"])
+        self.stream.load_state_dict(state["stream"])
+        if self.controller is not None:
+            self.controller.load_state_dict(state["controller"])
+
+
+def _param_stats_from(model: torch.nn.Module, before: dict[str, torch.Tensor],
+                      grads: dict[str, torch.Tensor]) -> dict[str, float]:
+    """``grad/<name>`` (the rule's gradient incl. stabilisers, before clipping) and
+    ``update/<name>``."""
+    out = {f"grad/{n}": g.norm().item() for n, g in grads.items()}
+    out.update({f"update/{n}": (p.detach() - before[n]).norm().item()
+                for n, p in model.named_parameters()})
+    return out
+
+
 class EqtLMStudy:
     name = "eqt_lm"
     title = "eqt-lm: language modelling, BP transformer vs equilibrium propagation"
     datasets = ("tokens",)
     columns = (("best_val_loss", "best val CE"), ("final_val_loss", "final val CE"),
+               ("residual", "final residual"), ("cos_bptt", "cos to BPTT"),
                ("ms_per_step", "ms/step"), ("peak_mem_mb", "peak MB"))
-    plots = (("val_loss", "validation cross-entropy"), ("loss", "training loss"))
+    plots = (("val_loss", "validation cross-entropy"), ("loss", "training loss"),
+             ("cos/global", "cos(g_rule, g_BPTT) during training"))
 
     def build_trainer(self, params: Params, spec: RunSpec, calibration: dict[str, Any],
-                      device: torch.device) -> BPTransformerTrainer:
+                      device: torch.device) -> BPTransformerTrainer | EquilibriumTrainer:
         study = params.study(spec.study)
-        return BPTransformerTrainer(study.row_model(spec.row), study.row_train(spec.row),
-                                    spec.seed, device)
+        rule = study.rules[spec.row]
+        model_cfg, train_cfg = study.row_model(spec.row), study.row_train(spec.row)
+        if isinstance(rule, BPTTRule | EPRule):
+            return EquilibriumTrainer(model_cfg, train_cfg, rule,
+                                      RelaxConfig(**calibration["relax"]), spec.seed, device)
+        return BPTransformerTrainer(model_cfg, train_cfg, spec.seed, device)
 
     def calibrate(self, params: Params, row: str, device: torch.device) -> dict[str, Any]:
-        """Initial loss vs ln V, activation RMS per layer, and a short LR probe."""
+        """BP: initial loss vs ln V, activation RMS, a short LR probe. Equilibrium rows: the
+        free phase's eps/T1 (``models.eqt.calibration``; eps halved until the relaxation
+        converges at init) and the initial loss vs ln V."""
         study = params.study(self.name)
+        rule = study.rules[row]
+        if isinstance(rule, BPTTRule | EPRule):
+            return self._calibrate_eq(study.row_model(row), study.row_train(row), rule, device)
         train_cfg = study.row_train(row)
         trainer = BPTransformerTrainer(study.row_model(row), train_cfg, seed=0, device=device)
         ln_v = math.log(vocab_size())
@@ -141,18 +300,34 @@ class EqtLMStudy:
             "act_rms": act, "lr_probe": {"lr": train_cfg.lr, "steps": probe_steps,
                                          "first_loss": losses[0], "last_loss": losses[-1]},
         }
-        if abs(init_loss / ln_v - 1) > 0.1:
-            raise ValueError(f"calibration: initial val loss {init_loss:.3f} is not within 10% of "
-                             f"ln V = {ln_v:.3f}; the initialisation is off")
+        _check_init_loss(init_loss, ln_v)
         if not math.isfinite(losses[-1]) or losses[-1] > losses[0]:
             raise ValueError(f"calibration: loss rose from {losses[0]:.3f} to {losses[-1]:.3f} in "
                              f"{probe_steps} steps at lr={train_cfg.lr}; lower "
                              f"studies.{self.name}.train.lr")
         return result
 
-    def diagnose(self, params: Params, spec: RunSpec, trainer: BPTransformerTrainer,
+    def _calibrate_eq(self, model_cfg: LMModelConfig, train_cfg: TrainConfig, rule: EqRule,
+                      device: torch.device) -> dict[str, Any]:
+        r = rule.relax
+        relax = RelaxConfig(eps=r.eps, t1=r.t1, t1max=r.t1max, res_target=r.res_target,
+                            chunk=r.chunk)
+        trainer = EquilibriumTrainer(model_cfg, train_cfg, rule, relax, seed=0, device=device)
+        # 8 windows per batch: enough to see divergence, cheap for the abscissa's power iteration
+        batches = [trainer.stream.next_batch(device)[0][:8] for _ in range(3)]
+        result = calibrate_relax(trainer.model, batches, search=True)
+        trainer.model.relax_cfg = RelaxConfig(**result["relax"])
+        ln_v = math.log(vocab_size())
+        init_loss = trainer.val_loss(4)
+        _check_init_loss(init_loss, ln_v)
+        return {**result, "ln_vocab": ln_v, "init_val_loss": init_loss,
+                "init_over_ln_vocab": init_loss / ln_v}
+
+    def diagnose(self, params: Params, spec: RunSpec,
+                 trainer: BPTransformerTrainer | EquilibriumTrainer,
                  device: torch.device) -> dict[str, Any]:
-        """Held-out CE on more windows than during training, entropy, samples."""
+        """Held-out CE on more windows than during training, entropy, samples; for equilibrium
+        rows also the gradient-quality and operator diagnostics of METHODS §2."""
         codec = load_codec(tokens_dir() / "tokenizer.json")
         model = trainer.ema.averaged(trainer.model).eval()
         stream = TokenStream(trainer.val, model.shape.block_size, trainer.cfg.batch_size,
@@ -167,9 +342,56 @@ class EqtLMStudy:
                 ent.append(-(logp.exp() * logp).sum(-1).mean().item())
             samples = [codec.decode(sample(model, codec.encode(prompt), 80, device, seed=i))
                        for i, prompt in enumerate(["Once upon a time", "Question: How many"])]
-        return {"metrics": {"val_loss": float(np.mean(ce)), "pred_entropy": float(np.mean(ent)),
-                            "ln_vocab": math.log(codec.vocab_size)},
-                "samples": samples}
+        model.train()
+        result: dict[str, Any] = {
+            "metrics": {"val_loss": float(np.mean(ce)), "pred_entropy": float(np.mean(ent)),
+                        "ln_vocab": math.log(codec.vocab_size)},
+            "samples": samples, "extras": {"vocab_size": codec.vocab_size}}
+        if isinstance(trainer, EquilibriumTrainer):
+            _diagnose_eq(trainer, device, result)
+        return result
+
+
+def _check_init_loss(init_loss: float, ln_v: float) -> None:
+    if abs(init_loss / ln_v - 1) > 0.1:
+        raise ValueError(f"calibration: initial val loss {init_loss:.3f} is not within 10% of "
+                         f"ln V = {ln_v:.3f}; the initialisation is off")
+
+
+def _diagnose_eq(trainer: EquilibriumTrainer, device: torch.device, result: dict[str, Any],
+                 n_batches: int = 4) -> None:
+    """cos(g_rule, g_BPTT) per group and global and k = |g_rule|/|g_BPTT| (task gradients, mean
+    over held-out batches), batch-to-batch self-coherence, the free-phase residual and one
+    relaxation's residual curve, the numerical abscissa and the 4-number fingerprint."""
+    model = trainer.model
+    stream = TokenStream(trainer.val, model.shape.block_size, trainer.cfg.batch_size,
+                         EVAL_SEED + 2)
+    batches = [stream.next_batch(device) for _ in range(n_batches)]
+    cos_rows, g_rule = [], []
+    for x, y in batches:
+        g_ref, _, _ = eqt_bptt.bptt_gradients(model, x, y)
+        if isinstance(trainer.rule, EPRule):
+            g, _ = eqt_ep.ep_gradients(model, x, y, trainer.rule_cfg)  # type: ignore[arg-type]
+        else:
+            g = g_ref
+        cos_rows.append(eqt_diag.grad_cosines(g, g_ref))
+        g_rule.append(g)
+    cos = {k: float(np.mean([r[k] for r in cos_rows])) for k in cos_rows[0]}
+    coherence = [eqt_diag.self_coherence(a, b) for a, b in zip(g_rule, g_rule[1:], strict=False)]
+    free = model.free_phase(batches[0][0])
+    x0, y0 = batches[0]
+    # 8 rows keep the abscissa's power iteration cheap
+    finger = eqt_diag.fingerprint(model, x0[:8], y0[:8], trainer.rule_cfg, batches[1:])
+    result["metrics"].update({
+        "cos_bptt": cos["cos/global"], "norm_ratio": cos["norm_ratio"],
+        "self_coherence": float(np.mean(coherence)), "residual": free.residual,
+        "settle_iters": float(free.steps), "abscissa": finger["abscissa"],
+        **{k: v for k, v in cos.items() if k.startswith("cos/")}})
+    result["fingerprint"] = finger
+    result["extras"].update({"self_coherence": coherence, "residual_curve": free.trace,
+                             "cos_per_batch": cos_rows,
+                             "lambda": None if trainer.controller is None
+                             else trainer.controller.lam})
 
 
 def sample(model: torch.nn.Module, prompt: list[int], n: int, device: torch.device,

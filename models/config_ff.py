@@ -1,0 +1,248 @@
+"""params.yaml schema of the feed-forward rule studies (``rules_vision``, ``rules_ladder``,
+``rules_lq``); ``models.config`` links these into ``StudiesConfig``.
+
+A study lists ``rows`` (names) and ``rules`` keyed by row name; ``kind`` picks the learning rule
+and the remaining keys are that rule's hyper-parameters (the fields of ``models.ff.rules.CONFIGS``
+minus ``seed``, which is the run's seed, and the credit bridge's ``epochs``, which is the run's).
+Training length is given in ``epochs`` over the fit split; ``row_train`` turns it into the
+step-based ``TrainConfig`` the segment driver uses (``steps``, ``segment_steps`` and a cosine that
+decays over the whole run).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from models import config as _config
+from models.config import Strict, TrainConfig, _merge_checked
+
+
+# ---------------------------------------------------------------- rules
+class _RuleBase(Strict):
+    train: dict[str, Any] = {}
+    model: dict[str, Any] = {}
+    epochs: Annotated[int, Field(gt=0)] | None = None  # None: the study's epochs
+
+    def library_fields(self) -> dict[str, Any]:
+        """The hyper-parameters models.ff.rules.CONFIGS[kind] takes (pipeline-only keys dropped)."""
+        return self.model_dump(exclude={"kind", "train", "model", "epochs", "calibrate_settle",
+                                        "pretrain_steps"})
+
+
+class FFBPRule(_RuleBase):
+    kind: Literal["bp"] = "bp"
+
+
+class FFDFARule(_RuleBase):
+    kind: Literal["dfa"] = "dfa"
+    # "calibrated": RMS(B_l e) matched to BP's dL/dh_l at initialisation (calibrate stage)
+    feedback_scale: Annotated[float, Field(gt=0)] | Literal["calibrated"] = "calibrated"
+
+
+class FFDTPRule(_RuleBase):
+    kind: Literal["dtp"] = "dtp"
+    eta: Annotated[float, Field(gt=0)] = 0.1
+    noise_std: Annotated[float, Field(gt=0)] = 0.1
+    inverse_lr: Annotated[float, Field(gt=0)] = 1e-3
+    inverse_steps: Annotated[int, Field(ge=1)] = 1
+    pretrain_steps: Annotated[int, Field(ge=0)] = 200  # inverse pre-training before step 0
+
+
+class FFPCRule(_RuleBase):
+    kind: Literal["pc"] = "pc"
+    beta: Annotated[float, Field(gt=0)] = 1.0
+    settle_lr: Annotated[float, Field(gt=0)] = 0.1
+    settle_iters: Annotated[int, Field(ge=1)] = 20
+    settle_tol: Annotated[float, Field(gt=0)] = 1e-4
+    precision_init: Annotated[float, Field(gt=0)] = 1.0
+    precision_floor: Annotated[float, Field(gt=0)] = 0.1
+    precision_lr: Annotated[float, Field(ge=0)] = 1e-3
+    precision_damping: Annotated[float, Field(ge=0)] = 1.0
+    precision_ema: Annotated[float, Field(ge=0, lt=1)] = 0.99
+    noise_std: Annotated[float, Field(ge=0)] = 0.0
+    noise_anneal: Annotated[float, Field(gt=0, le=1)] = 0.9
+    calibrate_settle: bool = True  # replace settle_lr / settle_iters by the calibrated ones
+
+    @model_validator(mode="after")
+    def _floor(self) -> FFPCRule:
+        if self.precision_init <= self.precision_floor:
+            raise ValueError("precision_init must exceed precision_floor")
+        return self
+
+
+class FFEPRule(_RuleBase):
+    kind: Literal["ep"] = "ep"
+    beta: Annotated[float, Field(gt=0)] = 0.5
+    nudge_steps: Annotated[int, Field(ge=1)] = 20
+
+
+class FFStateBridgeRule(_RuleBase):
+    kind: Literal["state_bridge"] = "state_bridge"
+    bridge_lr: Annotated[float, Field(gt=0)] = 1e-3
+
+
+class FFCreditBridgeRule(_RuleBase):
+    kind: Literal["credit_bridge"] = "credit_bridge"
+    bridge_lr: Annotated[float, Field(gt=0)] = 1e-3
+    d_value: Annotated[int, Field(gt=0)] = 256
+    term_grad_weight: Annotated[float, Field(ge=0)] = 1.0
+    warmup_frac: Annotated[float, Field(ge=0, le=1)] = 0.2
+    feedback_scale: Annotated[float, Field(gt=0)] | Literal["calibrated"] = "calibrated"
+
+
+FFRule = Annotated[FFBPRule | FFDFARule | FFDTPRule | FFPCRule | FFEPRule | FFStateBridgeRule
+                   | FFCreditBridgeRule, Field(discriminator="kind")]
+
+
+# ---------------------------------------------------------------- models and tasks
+class FFModelConfig(Strict):
+    """The deep pre-LN MLP (models.ff.mlp) and, for the EP row, the energy net (models.ff.energy)."""
+
+    width: Annotated[int, Field(gt=0)] = 128
+    depth: Annotated[int, Field(gt=0)] = 4
+    block_layers: Literal[1, 2] = 2
+    d_ff: Annotated[int, Field(gt=0)] | None = None
+    act: Literal["gelu", "relu", "tanh", "identity", "sigmoid"] = "gelu"
+    layernorm: bool = True
+    energy_hidden: Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=1)] = [256]
+    energy_act: Literal["hardsigmoid", "tanh", "sigmoid"] = "hardsigmoid"
+    energy_dt: Annotated[float, Field(gt=0, le=1)] = 0.5
+    energy_free_steps: Annotated[int, Field(gt=0)] = 40
+
+
+class VisionTaskConfig(Strict):
+    """MNIST-1D (data/mnist1d, prepare stage) or a user's CIFAR-10 copy pinned by sha256."""
+
+    dataset: Literal["mnist1d", "cifar10"] = "mnist1d"
+    cifar10_path: str | None = None
+    cifar10_sha256: str | None = None
+    val_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.1  # carved from train, for evaluate
+
+    @model_validator(mode="after")
+    def _cifar(self) -> VisionTaskConfig:
+        if self.dataset == "cifar10" and not (self.cifar10_path and self.cifar10_sha256):
+            raise ValueError("dataset 'cifar10' needs task.cifar10_path and task.cifar10_sha256 "
+                             "(a local copy; nothing is downloaded)")
+        return self
+
+
+class LadderModelConfig(Strict):
+    """The student of every ladder cell: width d, one-layer phi_a blocks (tasks.ladder)."""
+
+    d: Annotated[int, Field(gt=0)] = 128
+
+
+class LadderTaskConfig(Strict):
+    alphas: Annotated[list[Annotated[float, Field(ge=0, le=1)]], Field(min_length=1)] = [0.0, 1.0]
+    depths: Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=1)] = [2, 4]
+    n_classes: Annotated[int, Field(gt=1)] = 10
+    n_train: Annotated[int, Field(gt=0)] = 4000
+    n_test: Annotated[int, Field(gt=0)] = 1000
+    gain: Annotated[float, Field(gt=0)] = 2.0
+    val_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.1
+
+
+class LQModelConfig(Strict):
+    depth: Annotated[int, Field(gt=0)] = 4
+    d: Annotated[int, Field(gt=0)] = 32
+
+
+class LQTaskConfig(Strict):
+    d_in: Annotated[int, Field(gt=0)] = 16
+    d_out: Annotated[int, Field(gt=0)] = 8
+    n_train: Annotated[int, Field(gt=0)] = 4096
+    n_test: Annotated[int, Field(gt=0)] = 1024
+    noise: Annotated[float, Field(ge=0)] = 0.1
+    val_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.1
+
+
+# ---------------------------------------------------------------- studies
+class _FFStudyBase(Strict):
+    rows: list[str]
+    epochs: Annotated[int, Field(gt=0)] = 20
+    segment_epochs: Annotated[int, Field(gt=0)] | None = None  # None: the whole run is one segment
+    train: TrainConfig = TrainConfig(batch_size=100, lr=1e-3, min_lr=1e-4, warmup_steps=20,
+                                     weight_decay=0.0, log_every=20, eval_every=200,
+                                     eval_batches=1)
+    rules: dict[str, FFRule]
+
+    forbidden_kinds: ClassVar[tuple[str, ...]] = ()
+
+    @model_validator(mode="after")
+    def _rows_known(self) -> _FFStudyBase:
+        unknown = [r for r in self.rows if r not in self.rules]
+        if unknown:
+            raise ValueError(f"rows {unknown} are not defined under rules (defined: "
+                             f"{sorted(self.rules)})")
+        if len(set(self.rows)) != len(self.rows):
+            raise ValueError("rows must not repeat")
+        for name, rule in self.rules.items():
+            if rule.kind in self.forbidden_kinds:
+                raise ValueError(f"rules.{name}: kind {rule.kind!r} is not available in this "
+                                 f"study (it needs another network family)")
+            _merge_checked(self.train, rule.train, f"rules.{name}.train")
+            _merge_checked(self.model, rule.model, f"rules.{name}.model")  # type: ignore[attr-defined]
+        return self
+
+    def n_fit(self) -> int:
+        """Training examples per epoch (the task's train split minus the validation part)."""
+        raise NotImplementedError
+
+    def steps_per_epoch(self, row: str) -> int:
+        bs = _merge_checked(self.train, self.rules[row].train, f"rules.{row}.train").batch_size
+        return max(1, self.n_fit() // bs)  # drop-last: every epoch has the same steps
+
+    def row_epochs(self, row: str) -> int:
+        return self.rules[row].epochs or self.epochs
+
+    def row_train(self, row: str) -> TrainConfig:
+        base = _merge_checked(self.train, self.rules[row].train, f"rules.{row}.train")
+        spe = self.steps_per_epoch(row)
+        steps = self.row_epochs(row) * spe
+        seg = steps if self.segment_epochs is None else min(steps, self.segment_epochs * spe)
+        return TrainConfig.model_validate({**base.model_dump(), "steps": steps,
+                                           "segment_steps": seg, "decay_steps": steps})
+
+    def row_model(self, row: str) -> Any:
+        return _merge_checked(self.model, self.rules[row].model, f"rules.{row}.model")  # type: ignore[attr-defined]
+
+
+class RulesVisionConfig(_FFStudyBase):
+    """MNIST-1D / CIFAR-10 classification with a deep pre-LN MLP; one row per rule."""
+
+    model: FFModelConfig = FFModelConfig()
+    task: VisionTaskConfig = VisionTaskConfig()
+
+    def n_fit(self) -> int:
+        total = 50000 if self.task.dataset == "cifar10" else 4000
+        return total - round(self.task.val_fraction * total)
+
+
+class RulesLadderConfig(_FFStudyBase):
+    """The nonlinearity ladder: every run trains each (a, L) cell of ``task`` in turn."""
+
+    model: LadderModelConfig = LadderModelConfig()
+    task: LadderTaskConfig = LadderTaskConfig()
+    forbidden_kinds = ("ep",)
+
+    def n_fit(self) -> int:
+        return self.task.n_train - round(self.task.val_fraction * self.task.n_train)
+
+
+class RulesLQConfig(_FFStudyBase):
+    """The toy linear-quadratic credit problem (exact costate)."""
+
+    model: LQModelConfig = LQModelConfig()
+    task: LQTaskConfig = LQTaskConfig()
+    forbidden_kinds = ("ep",)
+
+    def n_fit(self) -> int:
+        return self.task.n_train - round(self.task.val_fraction * self.task.n_train)
+
+
+_config.StudiesConfig.model_rebuild(_types_namespace={
+    "RulesVisionConfig": RulesVisionConfig, "RulesLadderConfig": RulesLadderConfig,
+    "RulesLQConfig": RulesLQConfig})
+_config.Params.model_rebuild()

@@ -1,0 +1,291 @@
+"""What the feed-forward rule studies share: building a rule from its row, calibration, the
+``FFTrainer`` (Trainer protocol over a models.ff rule + net + AdamW) and the credit metrics.
+
+Epochs are whole passes over the fit split in a fresh permutation each (drop-last, so an epoch is
+always ``n_fit // batch_size`` steps); the permutation generator and the current permutation are
+part of the trainer state, so a run resumed at any segment boundary sees the same batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from models.config_ff import FFModelConfig
+from models.ff import metrics
+from models.ff.calibration import calibrate_dtp, calibrate_pc, dfa_feedback_scale
+from models.ff.energy import EnergyMLP, EnergyMLPConfig
+from models.ff.mlp import DeepMLP, MLPConfig, evaluate, true_state_grads
+from models.ff.rules import CONFIGS, RULES, Rule
+from models.ff.tasks import Split
+
+DIAG_BATCH = 512  # held-out examples the credit metrics are computed on
+CAL_BATCH = 512  # fit examples calibration measures on
+SPLIT_SEED = 20_240  # the fit/val split is the same for every row and seed
+
+
+@dataclass
+class Data:
+    """fit (trained on), val (evaluate during training), test (diagnose only)."""
+
+    x_fit: Tensor
+    y_fit: Tensor
+    x_val: Tensor
+    y_val: Tensor
+    x_test: Tensor
+    y_test: Tensor
+
+    def to(self, device: torch.device) -> Data:
+        return Data(*(t.to(device) for t in (self.x_fit, self.y_fit, self.x_val, self.y_val,
+                                              self.x_test, self.y_test)))
+
+
+def split_val(split: Split, val_fraction: float) -> Data:
+    """Carve a validation part out of the train split (fixed permutation, test untouched)."""
+    n = len(split.x_train)
+    n_val = round(val_fraction * n)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
+    fit, val = perm[n_val:], perm[:n_val]
+    return Data(split.x_train[fit], split.y_train[fit], split.x_train[val], split.y_train[val],
+                split.x_test, split.y_test)
+
+
+def mlp_config(m: FFModelConfig, d_in: int, d_out: int) -> MLPConfig:
+    return MLPConfig(d_in=d_in, d_out=d_out, width=m.width, depth=m.depth,
+                     block_layers=m.block_layers, d_ff=m.d_ff, act=m.act, layernorm=m.layernorm)
+
+
+def energy_config(m: FFModelConfig, d_in: int, d_out: int) -> EnergyMLPConfig:
+    return EnergyMLPConfig(d_in=d_in, d_out=d_out, hidden=list(m.energy_hidden),
+                           act=m.energy_act, dt=m.energy_dt, free_steps=m.energy_free_steps)
+
+
+def build_rule(rule_cfg: Any, net: nn.Module, seed: int, epochs: int) -> Rule:
+    """The models.ff rule of a params row (seed = run seed; credit bridge warm-up over epochs)."""
+    fields = rule_cfg.library_fields()
+    if fields.get("feedback_scale") == "calibrated":
+        fields["feedback_scale"] = 1.0  # replaced by apply_calibration
+    if rule_cfg.kind == "credit_bridge":
+        fields["epochs"] = epochs
+    return RULES[rule_cfg.kind](net, CONFIGS[rule_cfg.kind](**fields, seed=seed))
+
+
+def make_net(seed: int, factory: Callable[[], nn.Module], device: torch.device) -> nn.Module:
+    """Initialise a net from ``seed`` without disturbing the caller's global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = factory()
+    return net.to(device)
+
+
+# ---------------------------------------------------------------- calibration
+def calibrate_rule(rule_cfg: Any, rule: Rule, x: Tensor, y: Tensor) -> dict[str, Any]:
+    """What the rule needs measured before training (METHODS §3 and models/ff/calibration).
+
+    DFA / credit-bridge warm-up: feedback scale matching BP's credit RMS. DTP: inverse
+    pre-training and the top/bottom target-norm ratio (must stay in [0.1, 10]). PC: the largest
+    stable settling step and its iterations. EP: the free-phase residual after free_steps.
+    """
+    out: dict[str, Any] = {"kind": rule_cfg.kind}
+    net = rule.net
+    if isinstance(net, DeepMLP):
+        ev = evaluate(net, x, y)
+        out["init_loss"] = ev["loss"]
+        with torch.no_grad():
+            out["act_rms"] = [float(h.pow(2).mean().sqrt()) for h in net.states(x)]
+    kind = rule_cfg.kind
+    if kind == "dfa" and rule_cfg.feedback_scale == "calibrated":
+        out.update(dfa_feedback_scale(rule, x, y))  # type: ignore[arg-type]
+    elif kind == "credit_bridge" and rule_cfg.feedback_scale == "calibrated":
+        out.update(dfa_feedback_scale(rule.dfa, x, y))  # type: ignore[attr-defined]
+    elif kind == "dtp":
+        res = calibrate_dtp(rule, x, y, steps=max(rule_cfg.pretrain_steps, 1),  # type: ignore[arg-type]
+                            batch_size=128)
+        out.update(res)
+        if not 0.1 <= res["target_ratio"] <= 10:
+            raise ValueError(f"calibration: DTP top/bottom target-norm ratio "
+                             f"{res['target_ratio']:.3g} after inverse pre-training is outside "
+                             f"[0.1, 10]; raise rules.<row>.pretrain_steps or inverse_lr")
+    elif kind == "pc" and rule_cfg.calibrate_settle:
+        try:
+            out.update(calibrate_pc(rule, x, y, tol=rule_cfg.settle_tol))  # type: ignore[arg-type]
+        except RuntimeError as err:
+            raise ValueError(f"calibration: {err}; raise rules.<row>.settle_tol") from None
+    elif kind == "ep":
+        _, res = net.relax(x, net.cfg.free_steps)  # type: ignore[operator, union-attr]
+        out["free_residual"] = res
+    return out
+
+
+def apply_calibration(rule_cfg: Any, rule: Rule, cal: dict[str, Any]) -> None:
+    """Use what calibrate measured (DTP's pre-training itself runs at step 0 of each run)."""
+    kind = rule_cfg.kind
+    if kind == "dfa" and rule_cfg.feedback_scale == "calibrated":
+        rule.scale.fill_(cal["feedback_scale"])  # type: ignore[attr-defined]
+    elif kind == "credit_bridge" and rule_cfg.feedback_scale == "calibrated":
+        rule.dfa.scale.fill_(cal["feedback_scale"])  # type: ignore[attr-defined]
+    elif kind == "pc" and rule_cfg.calibrate_settle:
+        rule.cfg.settle_lr = float(cal["settle_lr"])
+        rule.cfg.settle_iters = int(cal["settle_iters"]) + max(2, int(cal["settle_iters"]) // 2)
+
+
+# ---------------------------------------------------------------- trainer
+class FFTrainer:
+    """One net + rule + AdamW on one task; the rule writes p.grad, AdamW steps the net."""
+
+    def __init__(self, net: nn.Module, rule: Rule, data: Data, batch_size: int,
+                 weight_decay: float, grad_clip: float, seed: int,
+                 before_first_step: Callable[[FFTrainer], None] | None = None) -> None:
+        self.net, self.rule, self.data = net, rule, data
+        self.batch_size, self.grad_clip = batch_size, grad_clip
+        self.steps_per_epoch = max(1, len(data.x_fit) // batch_size)
+        decay = [p for p in net.parameters() if p.dim() >= 2]
+        no_decay = [p for p in net.parameters() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}])
+        self.gen = torch.Generator().manual_seed(seed + 104_729)
+        self.perm = torch.arange(len(data.x_fit))
+        self.before_first_step = before_first_step
+        self._last: dict[str, float] = {}
+
+    def train_step(self, step: int, lr: float) -> dict[str, float]:
+        if step == 0 and self.before_first_step is not None:
+            self.before_first_step(self)
+        pos = step % self.steps_per_epoch
+        if pos == 0:
+            self.perm = torch.randperm(len(self.data.x_fit), generator=self.gen)
+            self.rule.set_epoch(step // self.steps_per_epoch)
+        idx = self.perm[pos * self.batch_size:(pos + 1) * self.batch_size].to(
+            self.data.x_fit.device)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        stats = self.rule.update(self.data.x_fit[idx], self.data.y_fit[idx])
+        groups = self.net.param_groups()  # type: ignore[operator]
+        params = [p for ps in groups.values() for p in ps]
+        torch.nn.utils.clip_grad_norm_(params, self.grad_clip or float("inf"))
+        before = {n: [p.detach().clone() for p in ps] for n, ps in groups.items()}
+        self.optimizer.step()
+        out, layer = {}, {}
+        for key, value in stats.items():
+            if key.startswith("update/"):
+                layer["grad/" + key[len("update/"):]] = value  # the rule's gradient, pre-clip
+            elif key.startswith(("act/", "target/", "precision/")):
+                layer[key] = value
+            else:
+                out[key] = value
+        for name, ps in groups.items():
+            layer[f"update/{name}"] = sum(float((p.detach() - b).pow(2).sum())
+                                          for p, b in zip(ps, before[name], strict=True)) ** 0.5
+        self._last = layer
+        return out
+
+    def layer_stats(self) -> dict[str, float]:
+        return dict(self._last)
+
+    def evaluate(self) -> dict[str, float]:
+        ev = evaluate(self.net, self.data.x_val, self.data.y_val)
+        return {"val_loss": ev["loss"], **({"val_accuracy": ev["accuracy"]}
+                                           if "accuracy" in ev else {})}
+
+    def test(self) -> dict[str, float]:
+        """Held-out test split: only diagnose calls this."""
+        ev = evaluate(self.net, self.data.x_test, self.data.y_test)
+        return {"test_loss": ev["loss"], **({"test_accuracy": ev["accuracy"]}
+                                            if "accuracy" in ev else {})}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "rule": self.rule.state_dict(), "gen": self.gen.get_state(),
+                "perm": self.perm.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.net.load_state_dict(state["net"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.rule.load_state_dict(state["rule"])
+        self.gen.set_state(state["gen"])
+        self.perm = state["perm"].clone()
+
+
+def dtp_pretrain(steps: int) -> Callable[[FFTrainer], None]:
+    """Step-0 hook: pre-train the DTP inverses on this run's own net (as calibrate measured)."""
+
+    def hook(trainer: FFTrainer) -> None:
+        if steps > 0:
+            calibrate_dtp(trainer.rule, trainer.data.x_fit, trainer.data.y_fit,  # type: ignore[arg-type]
+                          steps=steps, batch_size=128)
+
+    return hook
+
+
+def make_trainer(rule_cfg: Any, net: nn.Module, data: Data, train_cfg: Any, seed: int,
+                 epochs: int, calibration: dict[str, Any]) -> FFTrainer:
+    rule = build_rule(rule_cfg, net, seed, epochs)
+    apply_calibration(rule_cfg, rule, calibration)
+    hook = dtp_pretrain(rule_cfg.pretrain_steps) if rule_cfg.kind == "dtp" else None
+    return FFTrainer(net, rule, data, train_cfg.batch_size, train_cfg.weight_decay,
+                     train_cfg.grad_clip, seed, hook)
+
+
+# ---------------------------------------------------------------- metrics
+def _flat(prefix: str, d: dict[str, float]) -> dict[str, float]:
+    return {(prefix if k == "mean" else f"{prefix}/{k}"): v for k, v in d.items()}
+
+
+def credit_metrics(rule: Rule, x: Tensor, y: Tensor) -> tuple[dict[str, float], list[Tensor]]:
+    """Gamma (BP cosine of the weight update), rho and nudge on (x, y); per layer and mean.
+
+    Credits are taken first (no side effects); ``rule.update`` then writes the rule's weight
+    update (it also steps auxiliary modules, which is harmless on diagnose's throwaway copy).
+    """
+    net = rule.net
+    credits = rule.credit(x, y)
+    if isinstance(net, EnergyMLP):
+        bp, true = ep_reference(net, x, y)
+    else:
+        net.zero_grad(set_to_none=False)
+        with torch.enable_grad():
+            net.loss(net(x), y).backward()
+        bp = metrics.layer_grads(net.param_groups())
+        true = true_state_grads(net, x, y)[1]
+    rule.update(x, y)
+    mine = metrics.layer_grads(net.param_groups())  # type: ignore[operator]
+    out = {**_flat("gamma", metrics.bp_cosine(mine, bp)),
+           **_flat("rho", metrics.rho(credits, true))}
+    if isinstance(net, DeepMLP):
+        out.update(_flat("nudge", metrics.nudge(lambda i, h: net.loss_from(i, h, y),
+                                                net.states(x), credits)))
+    net.zero_grad(set_to_none=False)
+    return out, credits
+
+
+def ep_reference(net: EnergyMLP, x: Tensor, y: Tensor) -> tuple[dict[str, Tensor], list[Tensor]]:
+    """BP through the unrolled free phase: parameter gradients, and dL/d(current into s_k) (the
+    adjoint EP's credit estimates) via zero currents added to the energy."""
+    currents = [x.new_zeros(x.shape[0], d, requires_grad=True) for d in net.cfg.hidden]
+    s = [x.new_zeros(x.shape[0], d, requires_grad=True) for d in net.cfg.hidden]
+    groups = net.param_groups()
+    params = [p for ps in groups.values() for p in ps]
+    with torch.enable_grad():
+        for _ in range(net.cfg.free_steps):
+            e = net.energy(x, s) - sum((c * t).sum() for c, t in zip(currents, s, strict=True))
+            grads = torch.autograd.grad(e, s, create_graph=True)
+            s = [t - net.cfg.dt * g for t, g in zip(s, grads, strict=True)]
+        loss = net.loss(net.readout(s[-1]), y)
+        grads = torch.autograd.grad(loss, params + currents, allow_unused=True)
+    pg = grads[:len(params)]
+    out, i = {}, 0
+    for name, ps in groups.items():
+        out[name] = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                               for g, p in zip(pg[i:i + len(ps)], ps, strict=True)])
+        i += len(ps)
+    return out, [g.detach() for g in grads[len(params):]]
+
+
+def target_norms(names: list[str], credits: list[Tensor]) -> dict[str, float]:
+    """``target/<layer>``: mean per-sample norm of the rule's credit (vanishing-through-depth)."""
+    return {f"target/{n}": float(c.norm(dim=-1).mean()) for n, c in zip(names, credits,
+                                                                          strict=True)}

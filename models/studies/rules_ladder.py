@@ -1,0 +1,157 @@
+"""The ``rules-ladder`` study: teacher-student nonlinearity ladder (log 002). One run = one rule
+and seed over the whole a x L grid of ``task`` (cells trained in turn, each with its own
+teacher, student, rule and optimizer), so the depth x nonlinearity table of Gamma and rho per
+rule comes from the same seeds. Data are generated from the run seed (no prepare stage).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+import torch
+
+from models.config import Params
+from models.ff.mlp import DeepMLP
+from models.ff.tasks.ladder import make_ladder, student_config
+from models.pipeline import RunSpec
+from models.studies import ff_common as ff
+
+
+def cell_name(a: float, depth: int) -> str:
+    return f"a{a:g}_L{depth}"
+
+
+class LadderTrainer:
+    """The grid's FFTrainers stepped together; stats are prefixed ``<kind>/<cell>/<layer>``."""
+
+    def __init__(self, cells: dict[str, ff.FFTrainer]) -> None:
+        self.cells = cells
+        self._last: dict[str, float] = {}
+
+    def train_step(self, step: int, lr: float) -> dict[str, float]:
+        out: dict[str, float] = {}
+        layer: dict[str, float] = {}
+        for name, cell in self.cells.items():
+            for key, value in cell.train_step(step, lr).items():
+                out[key] = out.get(key, 0.0) + value / len(self.cells)
+            for key, value in cell.layer_stats().items():
+                kind, _, rest = key.partition("/")
+                layer[f"{kind}/{name}/{rest}"] = value
+        self._last = layer
+        return out
+
+    def layer_stats(self) -> dict[str, float]:
+        return dict(self._last)
+
+    def evaluate(self) -> dict[str, float]:
+        evs = [c.evaluate() for c in self.cells.values()]
+        return {k: sum(e[k] for e in evs) / len(evs) for k in evs[0]}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: c.state_dict() for name, c in self.cells.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, c in self.cells.items():
+            c.load_state_dict(state[name])
+
+
+class RulesLadderStudy:
+    name = "rules_ladder"
+    title = "rules-ladder: credit quality vs depth and nonlinearity (teacher-student)"
+    datasets: tuple[str, ...] = ()
+    columns = (("gamma", "Gamma (grid mean)"), ("rho", "rho (grid mean)"),
+               ("test_accuracy", "test acc (grid mean)"), ("ms_per_step", "ms/step"))
+    plots = (("val_accuracy", "validation accuracy (grid mean)"), ("loss", "training loss"))
+
+    def _cells(self, params: Params, row: str, seed: int,
+               device: torch.device) -> dict[str, tuple[Any, DeepMLP, ff.Data]]:
+        cfg = params.study(self.name)
+        t, d = cfg.task, cfg.row_model(row).d
+        out = {}
+        for i, a in enumerate(t.alphas):
+            for j, depth in enumerate(t.depths):
+                split = make_ladder(a, depth, d=d, n_classes=t.n_classes, n_train=t.n_train,
+                                    n_test=t.n_test, seed=seed, gain=t.gain)
+                scfg = student_config(a, depth, d, t.n_classes)
+                net = ff.make_net(1000 * seed + 37 * i + j, lambda c=scfg: DeepMLP(c), device)
+                out[cell_name(a, depth)] = (cfg.rules[row], net,
+                                            ff.split_val(split, t.val_fraction).to(device))
+        return out
+
+    def calibrate(self, params: Params, row: str, device: torch.device) -> dict[str, Any]:
+        cfg = params.study(self.name)
+        out = {}
+        for name, (rule_cfg, net, data) in self._cells(params, row, 0, device).items():
+            rule = ff.build_rule(rule_cfg, net, 0, cfg.row_epochs(row))
+            out[name] = ff.calibrate_rule(rule_cfg, rule, data.x_fit[:ff.CAL_BATCH],
+                                          data.y_fit[:ff.CAL_BATCH])
+        return {"cells": out}
+
+    def build_trainer(self, params: Params, spec: RunSpec, calibration: dict[str, Any],
+                      device: torch.device) -> LadderTrainer:
+        cfg = params.study(self.name)
+        train_cfg, epochs = cfg.row_train(spec.row), cfg.row_epochs(spec.row)
+        return LadderTrainer({
+            name: ff.make_trainer(rule_cfg, net, data, train_cfg, spec.seed, epochs,
+                                  calibration["cells"][name])
+            for name, (rule_cfg, net, data) in self._cells(params, spec.row, spec.seed,
+                                                            device).items()})
+
+    def diagnose(self, params: Params, spec: RunSpec, trainer: LadderTrainer,
+                 device: torch.device) -> dict[str, Any]:
+        """Per cell, on held-out test examples: test accuracy, Gamma, rho, nudge; grid means."""
+        out: dict[str, float] = {}
+        extras: dict[str, float] = {}
+        for name, cell in trainer.cells.items():
+            d = cell.data
+            x, y = d.x_test[:ff.DIAG_BATCH], d.y_test[:ff.DIAG_BATCH]
+            credit, credits = ff.credit_metrics(cell.rule, x, y)
+            cell_metrics = {**cell.test(), **cell.evaluate(), **credit}
+            out.update({f"{k.split('/')[0]}@{name}": v for k, v in cell_metrics.items()
+                        if "/" not in k})
+            for k, v in ff.target_norms(cell.net.layer_names(), credits).items():
+                extras[f"target/{name}/{k.split('/', 1)[1]}"] = v
+        for key in ("gamma", "rho", "nudge", "test_accuracy", "test_loss", "val_loss",
+                    "val_accuracy"):
+            vals = [v for k, v in out.items() if k.startswith(f"{key}@")]
+            out[key] = sum(vals) / len(vals)
+        return {"metrics": out, "extras": extras}
+
+    def extra_markdown(self, frame: pd.DataFrame) -> str:
+        """Depth x nonlinearity table per metric (Gamma, rho): mean over seeds per rule, the best
+        rule of each cell in bold (the BP reference row, if present, is shown but not ranked)."""
+        sub = frame[frame["study"] == self.name] if "study" in frame else frame
+        lines: list[str] = []
+        for metric, label in (("gamma", "Gamma"), ("rho", "rho")):
+            cols = [c for c in sub.columns if c.startswith(f"{metric}@")]
+            if not cols:
+                continue
+            means = sub.groupby("row")[cols].mean()
+            cells = sorted({_parse(c[len(metric) + 1:]) for c in cols})
+            alphas = sorted({a for a, _ in cells})
+            depths = sorted({d for _, d in cells})
+            ranked = [r for r in means.index if r != "bp"]
+            lines += [f"### {label} by depth (rows) and nonlinearity a (columns); best "
+                      f"backprop-free rule in bold", "",
+                      "| L | " + " | ".join(f"a={a:g}" for a in alphas) + " |",
+                      "|---|" + "---|" * len(alphas)]
+            for depth in depths:
+                row = [str(depth)]
+                for a in alphas:
+                    col = f"{metric}@{cell_name(a, depth)}"
+                    if col not in means:
+                        row.append("")
+                        continue
+                    best = means.loc[ranked, col].idxmax() if ranked else None
+                    row.append(", ".join(
+                        (f"**{r} {means.loc[r, col]:.2f}**" if r == best
+                         else f"{r} {means.loc[r, col]:.2f}") for r in means.index))
+                lines.append("| " + " | ".join(row) + " |")
+            lines.append("")
+        return "\n".join(lines)
+
+
+def _parse(cell: str) -> tuple[float, int]:
+    a, depth = cell.split("_L")
+    return float(a[1:]), int(depth)
