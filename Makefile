@@ -41,7 +41,7 @@ lint: setup
 	$(BIN)/ruff check .
 
 bench: setup
-	$(BIN)/python bench/noop_pipeline.py
+	$(BIN)/python bench/pipeline_timing.py
 
 clean-runs:
 	rm -rf runs data reports/FINDINGS.md reports/metrics.json reports/figures .snakemake

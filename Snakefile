@@ -6,7 +6,9 @@
 import os
 
 from models.config import load_params
-from models.pipeline import code_files, runs, text_dir, tokens_dir, training_fingerprint, RunSpec
+from models.pipeline import (code_files, mnist1d_file, runs, text_dir, tokens_dir,
+                             training_fingerprint, RunSpec)
+from models.studies import get_study
 
 configfile: "params.yaml"
 if config.get("profile"):
@@ -74,11 +76,31 @@ rule bpe:
         "python -m stages.bpe"
 
 
+DATASET_FILES = {
+    "tokens": [f"{tokens_dir()}/meta.json", f"{tokens_dir()}/train.bin", f"{tokens_dir()}/val.bin"],
+    "mnist1d": [str(mnist1d_file())],
+}
+
+
+def study_data(w):
+    """The prepared data a study reads (tokens, mnist1d, or none: ladder/LQ generate theirs)."""
+    return [f for d in get_study(w.study).datasets for f in DATASET_FILES[d]]
+
+
+rule prepare_mnist1d:
+    input:
+        code_files("prepare_mnist1d"),
+    output:
+        str(mnist1d_file()),
+    params:
+        cfg=P.data.mnist1d.model_dump_json(),
+    shell:
+        "python -m stages.prepare --dataset mnist1d"
+
+
 rule calibrate:
     input:
-        f"{tokens_dir()}/meta.json",
-        f"{tokens_dir()}/train.bin",
-        f"{tokens_dir()}/val.bin",
+        study_data,
         code_files("calibrate"),
     output:
         "runs/{study}/{row}/calibration.json",
@@ -91,7 +113,7 @@ rule calibrate:
 def segment_inputs(w):
     s = spec(w)
     k = int(w.k)
-    deps = [str(s.calibration), *code_files("train")]
+    deps = [str(s.calibration), *study_data(w), *code_files("train")]
     return deps + ([str(s.ckpt(k - 1))] if k > 0 else [])
 
 
