@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import yaml
 
-from tests.conftest import ROOT, tool, tiny_params
+from tests.conftest import ROOT, tiny_params, tool
 
 pytestmark = pytest.mark.slow
 
@@ -66,7 +66,8 @@ def test_dvc_repro_noop_and_param_edit(project) -> None:
 def _snakemake_commands() -> set[str]:
     out = _sh(tool("snakemake"), "-n", "-p", "--forceall", "--cores", "1", "report",
               "--directory", str(ROOT))
-    cmds = {line.strip() for line in out.splitlines() if line.strip().startswith("python -m")}
+    prefix = "Shell command: "
+    cmds = {line[len(prefix):].strip() for line in out.splitlines() if line.startswith(prefix)}
     return {re.sub(r" --segment \d+", "", c) for c in cmds}
 
 

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import yaml
@@ -88,7 +89,7 @@ def _wait_until_training(pid: int, cpu_seconds: float = 4.0, timeout: float = 60
     ticks = os.sysconf("SC_CLK_TCK")
     deadline = time.time() + timeout
     while time.time() < deadline:
-        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         if (int(fields[11]) + int(fields[12])) / ticks >= cpu_seconds:
             return
         time.sleep(0.1)
