@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.ff.mlp import DeepMLP, act_rms, activation, apply_credit, grad_norms, make_block
@@ -42,15 +43,19 @@ class CreditBridgeConfig:
 
 
 class ValueHead(nn.Module):
-    def __init__(self, width: int, d_value: int, act: str, layernorm: bool) -> None:
+    """v(h, y): MLP on [LN(h), target code] -> d_value -> 1 (the per-sample loss needs y)."""
+
+    def __init__(self, width: int, d_target: int, d_value: int, act: str,
+                 layernorm: bool) -> None:
         super().__init__()
         self.ln: nn.Module = nn.LayerNorm(width) if layernorm else nn.Identity()
-        self.fc1 = nn.Linear(width, d_value)
+        self.fc1 = nn.Linear(width + d_target, d_value)
         self.act = activation(act if act != "identity" else "tanh")
         self.fc2 = nn.Linear(d_value, 1)
 
-    def forward(self, h: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(self.ln(h)))).squeeze(-1)
+    def forward(self, h: Tensor, code: Tensor) -> Tensor:
+        u = torch.cat([self.ln(h), code.expand(*h.shape[:-1], code.shape[-1])], dim=-1)
+        return self.fc2(self.act(self.fc1(u))).squeeze(-1)
 
 
 class CreditBridge(Rule):
@@ -60,7 +65,7 @@ class CreditBridge(Rule):
         super().__init__(net, cfg or CreditBridgeConfig())
         self.net: DeepMLP = net
         c, nc = self.cfg, net.cfg
-        self.value = self.build(lambda: ValueHead(nc.width, c.d_value, nc.act, nc.layernorm))
+        self.value = self.build(lambda: ValueHead(nc.width, nc.d_out, c.d_value, nc.act, nc.layernorm))
         self.bridges = self.build(lambda: nn.ModuleList(make_block(nc) for _ in range(nc.depth)))
         self.opt = torch.optim.Adam([*self.value.parameters(), *self.bridges.parameters()],
                                     lr=c.bridge_lr)
@@ -75,20 +80,27 @@ class CreditBridge(Rule):
     def in_warmup(self) -> bool:
         return self.epoch < self.cfg.warmup_frac * self.cfg.epochs
 
+    def code(self, y: Tensor) -> Tensor:
+        """The target as the value's second input: one-hot class (CE) or the target (MSE)."""
+        if self.net.cfg.loss == "ce":
+            return F.one_hot(y, self.net.cfg.d_out).to(self.dtype)
+        return y.to(self.dtype)
+
     def train_values(self, hs: list[Tensor], y: Tensor) -> dict[str, float]:
         net, b = self.net, hs[-1].shape[0]
         with torch.no_grad():
             target = net.per_sample_loss(net.readout(hs[-1]), y)
         _, g_mean = net.output_grad(hs[-1], y)
         g_true = g_mean * b  # per-sample dl_i/dh_L
+        code = self.code(y)
         vparams, rparams = list(self.value.parameters()), list(self.bridges.parameters())
         with torch.enable_grad():
             top = hs[-1].detach().requires_grad_(True)
-            v_top = self.value(top)
+            v_top = self.value(top, code)
             (g_v,) = torch.autograd.grad(v_top.sum(), top, create_graph=True)
             value_t = (v_top - target).pow(2).mean()
             grad_t = (g_v - g_true).pow(2).sum() / (g_true.pow(2).sum() + 1e-12)
-            hidden = sum(((self.value(r(h.detach())) - target).pow(2).mean()
+            hidden = sum(((self.value(r(h.detach()), code) - target).pow(2).mean()
                           for r, h in zip(self.bridges, hs[:-1], strict=False)),
                          target.new_zeros(()))
             self.opt.zero_grad(set_to_none=False)
@@ -100,14 +112,14 @@ class CreditBridge(Rule):
                 "term/term_grad": float(grad_t.detach()),
                 "term/value_hidden": float(hidden.detach()) / max(len(self.bridges), 1)}
 
-    def credits_from(self, hs: list[Tensor]) -> list[Tensor]:
-        b = hs[-1].shape[0]
+    def credits_from(self, hs: list[Tensor], y: Tensor) -> list[Tensor]:
+        b, code = hs[-1].shape[0], self.code(y)
         maps = [*self.bridges, nn.Identity()]
         out = []
         with torch.enable_grad():
             for r, h in zip(maps, hs, strict=True):
                 hh = h.detach().requires_grad_(True)
-                (a,) = torch.autograd.grad(self.value(r(hh)).sum(), hh)
+                (a,) = torch.autograd.grad(self.value(r(hh), code).sum(), hh)
                 out.append(a / (a.pow(2).mean().sqrt() + 1e-6) / b)
         return out
 
@@ -116,7 +128,7 @@ class CreditBridge(Rule):
             hs = self.net.states(x)
         stats = self.train_values(hs, y)
         warm = self.in_warmup()
-        cs = self.dfa.credits_from(hs, y) if warm else self.credits_from(hs)
+        cs = self.dfa.credits_from(hs, y) if warm else self.credits_from(hs, y)
         loss = apply_credit(self.net, x, hs, cs, y)
         stats.update({"loss": float(loss), "term/dfa_warmup": float(warm)})
         return {**stats, **grad_norms(self.net), **act_rms(self.net.layer_names(), hs)}
@@ -124,4 +136,4 @@ class CreditBridge(Rule):
     def credit(self, x: Tensor, y: Tensor) -> list[Tensor]:
         with torch.no_grad():
             hs = self.net.states(x)
-        return self.dfa.credits_from(hs, y) if self.in_warmup() else self.credits_from(hs)
+        return self.dfa.credits_from(hs, y) if self.in_warmup() else self.credits_from(hs, y)
