@@ -189,7 +189,7 @@ def test_credit_bridge_terminal_matching_recovers_output_gradient() -> None:
     for _ in range(200):
         rule.train_values(hs, y)
     top = hs[-1].clone().requires_grad_(True)
-    (gv,) = torch.autograd.grad(rule.value(top).sum(), top)
+    (gv,) = torch.autograd.grad(rule.value(top, rule.code(y)).sum(), top)
     _, g = net.output_grad(hs[-1], y)
     assert cosine(gv, g * x.shape[0]) >= 0.97
     assert 0.9 < float(gv.norm() / (g.norm() * x.shape[0])) < 1.2

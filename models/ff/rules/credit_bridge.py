@@ -98,9 +98,10 @@ class CreditBridge(Rule):
             top = hs[-1].detach().requires_grad_(True)
             v_top = self.value(top, code)
             (g_v,) = torch.autograd.grad(v_top.sum(), top, create_graph=True)
-            value_t = (v_top - target).pow(2).mean()
+            scale = target.pow(2).sum() + 1e-12  # scale-free, like the gradient term
+            value_t = (v_top - target).pow(2).sum() / scale
             grad_t = (g_v - g_true).pow(2).sum() / (g_true.pow(2).sum() + 1e-12)
-            hidden = sum(((self.value(r(h.detach()), code) - target).pow(2).mean()
+            hidden = sum(((self.value(r(h.detach()), code) - target).pow(2).sum() / scale
                           for r, h in zip(self.bridges, hs[:-1], strict=False)),
                          target.new_zeros(()))
             self.opt.zero_grad(set_to_none=False)
