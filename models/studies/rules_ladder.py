@@ -149,7 +149,26 @@ class RulesLadderStudy:
                          else f"{r} {means.loc[r, col]:.2f}") for r in means.index))
                 lines.append("| " + " | ".join(row) + " |")
             lines.append("")
-        return "\n".join(lines)
+        return "\n".join(lines + self._finding_check(sub))
+
+    @staticmethod
+    def _finding_check(sub: pd.DataFrame) -> list[str]:
+        """Log 002's claim, tested on these runs: at a = 1 the credit bridge leads on Gamma and
+        rho; at a = 0 the state bridge leads (leader = best mean over depths, BP excluded)."""
+        lines = ["### Log 002's ladder finding, checked on these runs", ""]
+        for a, expected in ((1.0, "credit_bridge"), (0.0, "state_bridge")):
+            for metric in ("gamma", "rho"):
+                cols = [c for c in sub.columns
+                        if c.startswith(f"{metric}@") and _parse(c[len(metric) + 1:])[0] == a]
+                ranked = sub[sub["row"] != "bp"].groupby("row")[cols].mean().mean(axis=1)
+                if ranked.empty or ranked.isna().all():
+                    lines.append(f"- a={a:g}, {metric}: not measured in this grid")
+                    continue
+                leader = ranked.idxmax()
+                verdict = "reproduced" if leader == expected else "NOT reproduced"
+                lines.append(f"- a={a:g}, {metric}: expected {expected} to lead; leader is "
+                             f"{leader} ({ranked[leader]:.2f}) -> **{verdict}**")
+        return [*lines, ""]
 
 
 def _parse(cell: str) -> tuple[float, int]:
