@@ -131,7 +131,7 @@ class CreditBridge(Rule):
         warm = self.in_warmup()
         cs = self.dfa.credits_from(hs, y) if warm else self.credits_from(hs, y)
         loss = apply_credit(self.net, x, hs, cs, y)
-        stats.update({"loss": float(loss), "term/dfa_warmup": float(warm)})
+        stats.update({"loss": float(loss), "phase/dfa_warmup": float(warm)})
         return {**stats, **grad_norms(self.net), **act_rms(self.net.layer_names(), hs)}
 
     def credit(self, x: Tensor, y: Tensor) -> list[Tensor]:
