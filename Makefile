@@ -8,6 +8,8 @@ TORCH_VERSION ?= 2.13.0
 # Default: CUDA build only where `nvidia-smi` finds a GPU, CPU build everywhere else.
 TORCH_CHANNEL ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 CORES ?= all
+# Stage commands say `python -m stages.<name>`: run them with the venv's interpreter.
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: setup report test lint bench clean-runs
 

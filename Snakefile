@@ -4,11 +4,16 @@
 # Training segments are separate jobs chained checkpoint to checkpoint: raising `steps` re-uses
 # the finished segments; changing anything else that affects training re-runs them (params trigger).
 import os
+import sys
 
 from models.config import load_params
 from models.pipeline import (code_files, mnist1d_file, runs, text_dir, tokens_dir,
                              training_fingerprint, RunSpec)
 from models.studies import get_study
+
+# Jobs run `python -m stages.*`: make that the interpreter running Snakemake (e.g. .venv's),
+# also when snakemake is called by path without activating the environment.
+os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 
 configfile: "params.yaml"
 if config.get("profile"):
