@@ -11,6 +11,7 @@ decays over the whole run).
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
@@ -186,9 +187,9 @@ class _FFStudyBase(Strict):
             _merge_checked(self.model, rule.model, f"rules.{name}.model")  # type: ignore[attr-defined]
         return self
 
+    @abstractmethod
     def n_fit(self) -> int:
         """Training examples per epoch (the task's train split minus the validation part)."""
-        raise NotImplementedError
 
     def steps_per_epoch(self, row: str) -> int:
         bs = _merge_checked(self.train, self.rules[row].train, f"rules.{row}.train").batch_size
