@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from models.eqt.bptt import BPTTConfig
-from models.eqt.ep import EPConfig
+from models.config.eqt import BPTTRule, EPRule, NudgeConfig
 from models.eqt.model import EqShape, EquilibriumLM, gradients
 from models.eqt.relax import RelaxConfig
 from models.eqt.stabilisers import JacregController
@@ -75,7 +74,7 @@ def main() -> None:
     opt_bp = torch.optim.AdamW(bp.parameters(), lr=1e-4)
     ctl = JacregController()
 
-    def eq_step(cfg: EPConfig | BPTTConfig) -> Callable[[], None]:
+    def eq_step(cfg: EPRule | BPTTRule) -> Callable[[], None]:
         def step() -> None:
             with amp:
                 grads, _ = gradients(eq, idx, tgt, cfg, ctl)
@@ -95,8 +94,8 @@ def main() -> None:
                           "device": str(device), "compile": args.compile, "bf16": args.bf16,
                           "torch": torch.__version__},
                "steps": {}}
-    for name, fn in [("ep_tracking_aep", eq_step(EPConfig(t2=t2))),
-                     ("bptt", eq_step(BPTTConfig())), ("bp", bp_step)]:
+    for name, fn in [("ep_tracking_aep", eq_step(EPRule(nudge=NudgeConfig(t2=t2)))),
+                     ("bptt", eq_step(BPTTRule())), ("bp", bp_step)]:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         results["steps"][name] = _time(fn, device, args.repeats)
