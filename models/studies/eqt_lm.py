@@ -246,7 +246,6 @@ def _param_stats_from(model: torch.nn.Module, before: dict[str, torch.Tensor],
 class EqtLMStudy:
     name = "eqt_lm"
     title = "eqt-lm: language modelling, BP transformer vs equilibrium propagation"
-    datasets = ("tokens",)
     columns = (("best_val_loss", "best val CE"), ("final_val_loss", "final val CE"),
                ("residual", "final residual"), ("cos_bptt", "cos to BPTT"),
                ("ms_per_step", "ms/step"), ("peak_mem_mb", "peak MB"))

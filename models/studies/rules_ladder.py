@@ -60,7 +60,6 @@ class LadderTrainer:
 class RulesLadderStudy:
     name = "rules_ladder"
     title = "rules-ladder: credit quality vs depth and nonlinearity (teacher-student)"
-    datasets: tuple[str, ...] = ()
     columns = (("gamma", "Gamma (grid mean)"), ("rho", "rho (grid mean)"),
                ("test_accuracy", "test acc (grid mean)"), ("ms_per_step", "ms/step"))
     plots = (("val_accuracy", "validation accuracy (grid mean)"), ("loss", "training loss"))

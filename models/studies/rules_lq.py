@@ -21,7 +21,6 @@ from models.studies import ff_common as ff
 class RulesLQStudy:
     name = "rules_lq"
     title = "rules-lq: toy linear-quadratic credit problem"
-    datasets: tuple[str, ...] = ()
     columns = (("costate_cosine", "costate cosine"), ("rho", "rho"), ("nudge", "nudge"),
                ("gamma", "BP cosine (Gamma)"), ("test_loss", "test MSE"))
     plots = (("val_loss", "validation MSE"), ("loss", "training loss"))

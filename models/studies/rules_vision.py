@@ -36,7 +36,6 @@ def load_split(cfg: RulesVisionConfig) -> Split:
 class RulesVisionStudy:
     name = "rules_vision"
     title = "rules-vision: deep MLP classification, BP vs backprop-free rules"
-    datasets = ("mnist1d",)
     columns = (("test_accuracy", "test acc"), ("test_loss", "test CE"),
                ("gamma", "BP cosine (Gamma)"), ("rho", "rho"), ("nudge", "nudge"),
                ("ms_per_step", "ms/step"))
