@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import torch
 import typer
 
 from models import io
-from models.health import Severity, run_all
+from models.health import Severity, calibration_extras, run_all
 from models.pipeline import RunSpec, run_config, training_fingerprint
 from models.studies import get_study
 from models.training import checkpoint
@@ -42,9 +43,10 @@ def main(study: str = typer.Option(..., help="Study key under params `studies`."
     last = train_cfg.n_segments - 1
     state = checkpoint.load(spec.ckpt(last), fingerprint=training_fingerprint(cfg, spec),
                             step=train_cfg.steps)
-    device = resolve_device(cfg.device)
+    device = _device(cfg.device)
     impl = get_study(study)
-    trainer = impl.build_trainer(cfg, spec, io.read_json(spec.calibration), device)
+    calibration = io.read_json(spec.calibration)
+    trainer = impl.build_trainer(cfg, spec, calibration, device)
     trainer.load_state_dict(state["trainer"])
     result = impl.diagnose(cfg, spec, trainer, device)
     logs = read_logs(spec.log_dir)
@@ -57,8 +59,9 @@ def main(study: str = typer.Option(..., help="Study key under params `studies`."
         "steps": train_cfg.steps,
     })
     config = run_config(cfg, spec)
-    extras = {**result.pop("extras", {}), "config_train": state.get("config") or config,
-              "config_eval": config}
+    extras = {**calibration_extras(calibration), **result.pop("extras", {}),
+              "config_train": state.get("config") or config, "config_eval": config,
+              "metrics": result["metrics"], "warmup_steps": train_cfg.warmup_steps}
     findings = run_all(pd.DataFrame.from_records(logs), extras, run=spec.name())
     result.update({"run": spec.name(), "run_dir": str(spec.dir), "config": config,
                    "fingerprint": training_fingerprint(cfg, spec),
@@ -71,6 +74,15 @@ def main(study: str = typer.Option(..., help="Study key under params `studies`."
     if cfg.health.fail_on != "never" and any(
             f.severity >= Severity.parse(cfg.health.fail_on) for f in findings):
         raise HealthFailure(f"health.fail_on={cfg.health.fail_on}: {findings[0]}")
+
+
+def _device(name: str) -> torch.device:
+    """The params' device, or the CPU when it names CUDA on a machine without one: a run trained
+    on a GPU is diagnosed on a laptop (checkpoints load with map_location='cpu')."""
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        print(f"diagnose: device {name!r} is not available here; diagnosing on the CPU")
+        return torch.device("cpu")
+    return resolve_device(name)
 
 
 if __name__ == "__main__":

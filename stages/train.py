@@ -10,12 +10,12 @@ import typer
 
 from models import io
 from models.config import Params
-from models.health import live_guard
+from models.health import calibration_extras, live_guard
 from models.pipeline import RunSpec, run_config, training_fingerprint
 from models.studies import get_study
 from models.training import checkpoint
 from models.training.device import resolve_device
-from models.training.segments import Segment, run_segment
+from models.training.segments import Segment, read_logs, run_segment
 from stages._cli import PARAMS_OPTION, app, clear_errors, load
 
 cli = app(__doc__ or "")
@@ -55,8 +55,9 @@ def main(study: str = typer.Option(..., help="Study key under params `studies`."
     seg = Segment(index=segment, start=segment * train_cfg.segment_steps,
                   end=train_cfg.segment_end(segment), ckpt=spec.ckpt(segment),
                   prev_ckpt=spec.ckpt(segment - 1) if segment else None, log=spec.log(segment))
-    ln_v = calibration.get("ln_vocab")
-    guard = live_guard(loss_limit=1.5 * ln_v if ln_v else None) if train_cfg.live_guard else None
+    guard = live_guard(extras=calibration_extras(calibration),
+                       history=[r for r in read_logs(spec.log_dir) if r["step"] <= seg.start],
+                       ) if train_cfg.live_guard else None
     rows = run_segment(trainer, seg, train_cfg, training_fingerprint(cfg, spec), guard,
                        label=spec.name(), config=run_config(cfg, spec))
     last = rows[-1] if rows else {}
