@@ -34,6 +34,24 @@ def norm_series(trace: pd.DataFrame) -> dict[str, pd.Series]:
     return {k: out[k] for k in sorted(out, key=natural_key) if len(out[k])}
 
 
+def family(name: str) -> str:
+    """``act/``, ``grad/``, ``update/`` or the key itself: norms comparable in scale."""
+    return name.split("/", 1)[0] if "/" in name else name
+
+
+def early_levels(norms: dict[str, pd.Series]) -> dict[str, float]:
+    """Median of the first quarter of each norm series."""
+    return {n: float(np.median(quarters(np.abs(s.to_numpy()))[0])) for n, s in norms.items()}
+
+
+def negligible(name: str, early: dict[str, float], rel_floor: float = 1e-3) -> bool:
+    """Whether a norm started at numerical zero relative to its family (e.g. a key bias under
+    softmax, whose gradient is rounding noise): below ``rel_floor`` of the family's median early
+    level, growth is rounding noise being amplified (Adam normalises it), not a runaway."""
+    peers = [v for k, v in early.items() if family(k) == family(name) and v > 0]
+    return bool(peers) and early[name] < rel_floor * float(np.median(peers))
+
+
 def quarters(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(first quarter, third quarter, last quarter) of a series, each at least one value."""
     q = max(1, x.size // 4)
@@ -42,7 +60,7 @@ def quarters(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def runaway_norms(trace: pd.DataFrame, *, growth: float = 10.0, keeps_growing: float = 1.5,
                   fatal_growth: float = 1000.0, min_rows: int = 6) -> list[Finding]:
-    """A norm whose late level (median of the last quarter of logged rows) is more than
+    """Norms whose late level (median of the last quarter of logged rows) is more than
     ``growth`` times its early level (median of the first quarter) and still rising (the last
     quarter's median over the third quarter's is above ``keeps_growing``).
 
@@ -53,12 +71,16 @@ def runaway_norms(trace: pd.DataFrame, *, growth: float = 10.0, keeps_growing: f
     at lr 1e-3: |z*| 29 -> 224 and gradient 15 -> 1,418 within 150 steps). ``fatal_growth=1000``:
     three orders of magnitude leave float32 states with a thousandth of their relative
     resolution, LayerNorm/softmax inputs saturated and Adam's moment estimates stale; the
-    numbers the run produces are no longer about the model it started as.
+    numbers the run produces are no longer about the model it started as. Norms that start at
+    numerical zero relative to their family are skipped (``negligible``). One finding per
+    family (``act``, ``grad``, ``update``, ...) names its runaway tensors, largest growth first.
     """
-    out = []
-    for name, s in norm_series(trace).items():
+    runaway: dict[str, list[dict[str, float]]] = {}
+    norms = norm_series(trace)
+    early_all = early_levels(norms)
+    for name, s in norms.items():
         x = np.abs(s.to_numpy())
-        if x.size < min_rows:
+        if x.size < min_rows or negligible(name, early_all):
             continue
         first, third, last = quarters(x)
         early, mid, late = (float(np.median(v)) for v in (first, third, last))
@@ -69,16 +91,27 @@ def runaway_norms(trace: pd.DataFrame, *, growth: float = 10.0, keeps_growing: f
             continue
         steps = s.index.to_numpy()
         q = len(first)
+        runaway.setdefault(family(name), []).append({
+            "name": name, "ratio": ratio, "early": early, "late": late, "recent": recent,
+            "early_from": steps[0], "early_to": steps[q - 1], "late_from": steps[-q],
+            "late_to": steps[-1]})
+    out = []
+    for fam, hits in runaway.items():
+        hits.sort(key=lambda h: -h["ratio"])
+        top = hits[0]
+        listed = "; ".join(f"{h['name']} {h['early']:.3g} -> {h['late']:.3g} ({h['ratio']:.3g}x, "
+                           f"{h['recent']:.3g}x over the previous quarter)" for h in hits[:5])
+        more = f"; and {len(hits) - 5} more" if len(hits) > 5 else ""
         out.append(Finding(
             detector="runaway_norms",
-            severity=Severity.FATAL if ratio > fatal_growth else Severity.ERROR,
-            message=(f"{name} grew {ratio:.3g}x, from {early:.3g} (steps {steps[0]}-"
-                     f"{steps[q - 1]}) to {late:.3g} (steps {steps[-q]}-{steps[-1]}), and is "
-                     f"still rising ({recent:.3g}x over the previous quarter)"),
-            where=f"trace column {name}; the tensor it measures and what feeds it (learning "
-                  "rate, stabilisers, the estimator's gradient)",
-            evidence={"ratio": ratio, "early": early, "late": late, "recent_ratio": recent,
-                      "first_step": float(steps[0]), "last_step": float(steps[-1])}))
+            severity=Severity.FATAL if top["ratio"] > fatal_growth else Severity.ERROR,
+            message=(f"{len(hits)} {fam} norm(s) grew more than {growth:g}x from steps "
+                     f"{top['early_from']}-{top['early_to']} to steps {top['late_from']}-"
+                     f"{top['late_to']} and are still rising: {listed}{more}"),
+            where=f"trace columns {', '.join(h['name'] for h in hits[:5])}; the tensors they "
+                  "measure and what feeds them (learning rate, stabilisers, the estimator)",
+            evidence={"ratio": top["ratio"], "early": top["early"], "late": top["late"],
+                      "recent_ratio": top["recent"], "tensors": float(len(hits))}))
     return sorted(out, key=lambda f: -f.evidence["ratio"])
 
 
@@ -88,12 +121,16 @@ def growing_norms(trace: pd.DataFrame, since_step: float, *, factor: float = 3.0
     more than ``factor`` times their value at ``since_step`` (nearest logged row), largest first.
     Used as the corroborating evidence of a divergence."""
     out = []
-    for name, s in norm_series(trace).items():
+    norms = norm_series(trace)
+    early_all = early_levels(norms)
+    for name, s in norms.items():
+        if negligible(name, early_all):
+            continue
         x, steps = np.abs(s.to_numpy()), s.index.to_numpy()
         after = x[steps >= since_step]
         if x.size < 3 or after.size < 2:
             continue
-        at = float(after[0])
+        at = float(np.median(after[:3]))  # the best step and its next rows: one row is noisy
         late = float(np.median(quarters(x)[2]))
         if at > 0 and late > factor * at:
             out.append((name, at, late, late / at))

@@ -67,15 +67,11 @@ def build_report(params: Params, runs: list[RunSpec], out_dir: Path = REPORTS) -
 
 def _study_section(study: Any, runs: list[RunSpec], diagnostics: dict[RunSpec, dict[str, Any]],
                    summary: pd.DataFrame, columns: list[tuple[str, str]], out_dir: Path) -> str:
-    findings = sorted((f for s in runs for f in diagnostics[s].get("health", [])),
-                      key=lambda f: -SEVERITY_ORDER.index(f["severity"]))
-    flagged = {f["run"].split("/")[1] for f in findings
-               if SEVERITY_ORDER.index(f["severity"]) >= SEVERITY_ORDER.index("error")}
-    marks = {row: " ⚠" for row in flagged}
+    findings = worst_first_dicts([f for s in runs for f in diagnostics[s].get("health", [])])
+    marks = row_marks(findings)
     lines = [f"## {study.title}", "", markdown_table(summary, columns, marks), ""]
     if marks:
-        lines += ["⚠ = at least one run of this row raised an error-severity health finding "
-                  "(see Health below).", ""]
+        lines += [MARK_LEGEND, ""]
     curves = pd.DataFrame.from_records(
         [{"row": s.row, "seed": s.seed, **r} for s in runs for r in read_logs(s.log_dir)])
     first = diagnostics[runs[0]]["metrics"]
@@ -110,6 +106,11 @@ def _study_section(study: Any, runs: list[RunSpec], diagnostics: dict[RunSpec, d
     if not findings:
         lines += [f"All detectors of `models/health` ran on the {len(runs)} runs above: no findings.",
                   ""]
+    else:
+        counts = ", ".join(f"{sum(f['severity'] == sev for f in findings)} {sev}"
+                           for sev in reversed(SEVERITY_ORDER))
+        lines += [f"{len(findings)} findings on the {len(runs)} runs above ({counts}), worst "
+                  "first:", ""]
     for f in findings:
         lines.append(f"- **{f['severity']}** `{f['detector']}` [{f['run']}]: {f['message']} "
                      f"(look at {f['where']})")
@@ -123,6 +124,27 @@ def _study_section(study: Any, runs: list[RunSpec], diagnostics: dict[RunSpec, d
 
 
 SEVERITY_ORDER = ["info", "warning", "error", "fatal"]
+# Table marks: the worst finding of any run of the row (fatal: its numbers are meaningless;
+# error: the row's result is suspect).
+MARKS = {"fatal": " ✖", "error": " ⚠"}
+MARK_LEGEND = ("✖ = at least one run of this row raised a fatal health finding (its numbers are "
+               "meaningless); ⚠ = at least one raised an error-severity finding (the row's result "
+               "is suspect). See Health below.")
+
+
+def worst_first_dicts(findings: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Findings (as stored in diagnostics.json) by severity, worst first; then by run, so one
+    run's findings of a severity stay together."""
+    return sorted(findings, key=lambda f: (-SEVERITY_ORDER.index(f["severity"]), f["run"]))
+
+
+def row_marks(findings: list[dict[str, Any]]) -> dict[str, str]:
+    """``{row: mark}`` for rows with a fatal or error finding in any run (the worst wins)."""
+    marks: dict[str, str] = {}
+    for f in reversed(worst_first_dicts(findings)):
+        if f["severity"] in MARKS:
+            marks[f["run"].split("/")[1]] = MARKS[f["severity"]]
+    return marks
 
 
 def _one_line(text: str, limit: int = 240) -> str:
