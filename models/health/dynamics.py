@@ -124,7 +124,7 @@ def frozen_explosion(trace: pd.DataFrame, *, loss_limit: float = DEFAULT_LOSS_LI
 
 
 def settling_at_cap(trace: pd.DataFrame, *, default_tol: float = 1e-3,
-                    min_rows: int = 3) -> list[Finding]:
+                    min_rows: int = 2) -> list[Finding]:
     """Relaxation / settling loops that end at their iteration cap above their tolerance.
 
     A loop declares itself with ``settle/<loop>/tol`` (its tolerance; 0 = a fixed-step loop)
@@ -135,7 +135,8 @@ def settling_at_cap(trace: pd.DataFrame, *, default_tol: float = 1e-3,
     on most (>50%) logged steps, error on all: the "equilibrium" the rule's gradient assumes was
     never reached (the issue's PC: cap on every step, residual 0.02-0.027 vs tol 3e-3).
     ``default_tol=1e-3`` judges fixed-step loops: the state still moves 0.1% per step there, i.e.
-    tens of percent over another relaxation of the same length.
+    tens of percent over another relaxation of the same length. ``min_rows=2``: each logged row
+    samples one step's loop; the default rules_vision PC logs two rows, both at the cap.
     """
     out = []
     loops = sorted({c.split("/")[1] for c in trace.columns
