@@ -90,3 +90,16 @@ def test_report_marks_worst_row_finding_with_a_legend() -> None:
     assert [f["severity"] for f in worst_first_dicts(findings)] == ["fatal", "error", "error",
                                                                     "warning"]
     assert "✖" in MARK_LEGEND and "⚠" in MARK_LEGEND
+
+
+def test_group_self_coherence_needs_a_coherent_reference() -> None:
+    from models.health.estimators import group_self_coherence
+
+    # log 003's plateau: EP -0.27 while BPTT +0.96, EP not tracking BPTT on that group
+    (f,) = group_self_coherence({"attn.q": -0.27}, {"attn.q": 0.96}, {"cos/attn.q": 0.2})
+    assert f.severity == Severity.ERROR and "attn.q" in f.message
+    # BPTT itself incoherent on the group: batch noise near an optimum, not the estimator
+    assert group_self_coherence({"attn.q": -0.05}, {"attn.q": 0.08}) == []
+    # tracks BPTT per batch (cos 0.83): a few noisy batch pairs, look at it
+    (g,) = group_self_coherence({"attn.o": -0.12}, {"attn.o": 0.46}, {"cos/attn.o": 0.83})
+    assert g.severity == Severity.WARNING
