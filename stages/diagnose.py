@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import torch
 import typer
 
 from models import io
 from models.config import Params
-from models.health import Finding, Severity, run_all
+from models.health import Finding, Severity, calibration_extras, run_all
 from models.pipeline import RunSpec, diagnose_identity, run_config, run_identity, runs, study_dir
 from models.studies import get_study
 from models.training import checkpoint
@@ -30,6 +31,10 @@ def main(study: str = typer.Option(..., help="Study key under params `studies`."
          row: str | None = typer.Option(None, help="Row (learning rule); without it, every "
                                                    "row whose diagnostics are stale."),
          seed: int | None = typer.Option(None, help="Seed (one of params `seeds`)."),
+         any_identity: bool = typer.Option(
+             False, "--any-identity", help="Diagnose checkpoints made under another run identity "
+             "(e.g. trained on another machine from another checkout); the report marks such "
+             "runs stale."),
          params: Path = PARAMS_OPTION) -> None:
     """Write runs/<study>/diagnostics/<row>/seed<seed>.json.
 
@@ -47,14 +52,14 @@ def main(study: str = typer.Option(..., help="Study key under params `studies`."
     findings: list[Finding] = []
     for spec in runs(cfg, study):
         if row in (None, spec.row) and seed in (None, spec.seed):
-            findings += _diagnose(cfg, spec, force=row is not None)
+            findings += _diagnose(cfg, spec, force=row is not None, any_identity=any_identity)
     if cfg.health.fail_on != "never":
         worst = [f for f in findings if f.severity >= Severity.parse(cfg.health.fail_on)]
         if worst:
             raise HealthFailure(f"health.fail_on={cfg.health.fail_on}: {worst[0]}")
 
 
-def _diagnose(cfg: Params, spec: RunSpec, force: bool) -> list[Finding]:
+def _diagnose(cfg: Params, spec: RunSpec, force: bool, any_identity: bool) -> list[Finding]:
     train_cfg = cfg.study(spec.study).row_train(spec.row)
     last_ckpt = spec.ckpt(train_cfg.n_segments - 1)
     identity = diagnose_identity(cfg, spec, last_ckpt)
@@ -63,10 +68,12 @@ def _diagnose(cfg: Params, spec: RunSpec, force: bool) -> list[Finding]:
         if previous.get("identity") == identity:
             print(f"diagnose: {spec.name()} is current")
             return [Finding.from_dict(f) for f in previous.get("health", [])]
-    state = checkpoint.load(last_ckpt, identity=run_identity(cfg, spec), step=train_cfg.steps)
-    device = resolve_device(cfg.device)
+    state = checkpoint.load(last_ckpt, identity=None if any_identity else run_identity(cfg, spec),
+                            step=train_cfg.steps)
+    device = _device(cfg.device)
     impl = get_study(spec.study)
-    trainer = impl.build_trainer(cfg, spec, io.read_json(spec.calibration), device)
+    calibration = io.read_json(spec.calibration)
+    trainer = impl.build_trainer(cfg, spec, calibration, device)
     trainer.load_state_dict(state["trainer"])
     result = impl.diagnose(cfg, spec, trainer, device)
     logs = read_logs(spec.log_dir)
@@ -79,8 +86,9 @@ def _diagnose(cfg: Params, spec: RunSpec, force: bool) -> list[Finding]:
         "steps": train_cfg.steps,
     })
     config = run_config(cfg, spec)
-    extras = {**result.pop("extras", {}), "config_train": state.get("config") or config,
-              "config_eval": config}
+    extras = {**calibration_extras(calibration), **result.pop("extras", {}),
+              "config_train": state.get("config") or config, "config_eval": config,
+              "metrics": result["metrics"], "warmup_steps": train_cfg.warmup_steps}
     findings = run_all(pd.DataFrame.from_records(logs), extras, run=spec.name())
     result.update({"run": spec.name(), "run_dir": str(spec.dir), "config": config,
                    "run_identity": state["identity"], "identity": identity,
@@ -91,6 +99,15 @@ def _diagnose(cfg: Params, spec: RunSpec, force: bool) -> list[Finding]:
     for finding in findings:
         print(f"  {finding}")
     return findings
+
+
+def _device(name: str) -> torch.device:
+    """The params' device, or the CPU when it names CUDA on a machine without one: a run trained
+    on a GPU is diagnosed on a laptop (checkpoints load with map_location='cpu')."""
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        print(f"diagnose: device {name!r} is not available here; diagnosing on the CPU")
+        return torch.device("cpu")
+    return resolve_device(name)
 
 
 if __name__ == "__main__":

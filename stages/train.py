@@ -10,12 +10,12 @@ import typer
 
 from models import io
 from models.config import Params
-from models.health import live_guard
+from models.health import calibration_extras, live_guard
 from models.pipeline import RunSpec, run_config, run_identity, runs, study_dir
 from models.studies import get_study
 from models.training import checkpoint
 from models.training.device import resolve_device
-from models.training.segments import Segment, run_segment
+from models.training.segments import Segment, read_logs, run_segment
 from stages._cli import PARAMS_OPTION, app, check_row, clear_errors, load, study_enabled
 
 cli = app(__doc__ or "")
@@ -72,8 +72,9 @@ def _train_segment(cfg: Params, spec: RunSpec, segment: int) -> None:
     seg = Segment(index=segment, start=segment * train_cfg.segment_steps,
                   end=train_cfg.segment_end(segment), ckpt=spec.ckpt(segment),
                   prev_ckpt=spec.ckpt(segment - 1) if segment else None, log=spec.log(segment))
-    ln_v = calibration.get("ln_vocab")
-    guard = live_guard(loss_limit=1.5 * ln_v if ln_v else None) if train_cfg.live_guard else None
+    guard = live_guard(extras=calibration_extras(calibration),
+                       history=[r for r in read_logs(spec.log_dir) if r["step"] <= seg.start],
+                       ) if train_cfg.live_guard else None
     rows = run_segment(trainer, seg, train_cfg, run_identity(cfg, spec), guard,
                        label=spec.name(), config=run_config(cfg, spec))
     last = rows[-1] if rows else {}

@@ -92,10 +92,11 @@ def load_params(path: str | os.PathLike[str] = PARAMS_FILE, profile: str | None 
             or raw.get("profile") or DEFAULT_PROFILE)
     source = str(path)
     profile_path = profiles_dir(path) / f"{name}.yaml"
-    if not isinstance(name, str) or not profile_path.is_file():
+    missing = not isinstance(name, str) or not profile_path.is_file()
+    if missing and name != DEFAULT_PROFILE:  # the default profile changes nothing: may be absent
         available = sorted(p.stem for p in profiles_dir(path).glob("*.yaml"))
         raise ConfigError(f"profile {name!r}: {profile_path} not found; available: {available}")
-    layer = read_yaml(profile_path)
+    layer = {} if missing else read_yaml(profile_path)
     if "profile" in layer:
         raise ConfigError(f"{profile_path}: a profile cannot name another profile")
     user = deep_merge(deep_merge(raw, layer), overrides)

@@ -12,7 +12,7 @@ import pandas as pd
 from models import io
 from models.config import Params, fingerprint
 from models.dag import curve_file
-from models.pipeline import REPORTS, RunSpec, diagnose_identity
+from models.pipeline import REPORTS, RunSpec, diagnose_identity, run_identity
 from models.report.plots import curves_plot
 from models.report.tables import markdown_table, metrics_frame, summarise
 from models.studies import get_study
@@ -76,12 +76,13 @@ def build_report(params: Params, runs: list[RunSpec], out_dir: Path = REPORTS) -
 
 
 def stale_runs(params: Params, diagnostics: dict[RunSpec, dict[str, Any]]) -> set[RunSpec]:
-    """Runs whose diagnostics were not made from what is checked out now (code, params,
-    checkpoint): a report never shows such numbers as current."""
+    """Runs whose diagnostics or checkpoints were not made from what is checked out now (code,
+    params, calibration, data): a report never shows such numbers as current."""
     out = set()
     for spec, d in diagnostics.items():
         last = spec.ckpt(params.study(spec.study).row_train(spec.row).n_segments - 1)
-        if d.get("identity") != diagnose_identity(params, spec, last):
+        if (d.get("identity") != diagnose_identity(params, spec, last)
+                or d.get("run_identity") != run_identity(params, spec)):
             out.add(spec)
     return out
 
@@ -101,17 +102,14 @@ def write_curves(study: Any, curves: pd.DataFrame, rows: list[str]) -> None:
 def _study_section(study: Any, runs: list[RunSpec], diagnostics: dict[RunSpec, dict[str, Any]],
                    summary: pd.DataFrame, columns: list[tuple[str, str]], out_dir: Path,
                    stale: set[RunSpec]) -> str:
-    findings = sorted((f for s in runs for f in diagnostics[s].get("health", [])),
-                      key=lambda f: -SEVERITY_ORDER.index(f["severity"]))
-    flagged = {f["run"].split("/")[1] for f in findings
-               if SEVERITY_ORDER.index(f["severity"]) >= SEVERITY_ORDER.index("error")}
+    findings = worst_first_dicts([f for s in runs for f in diagnostics[s].get("health", [])])
+    marks = row_marks(findings)
     stale_rows = {s.row for s in runs if s in stale}
-    marks = {row: (" ⚠" if row in flagged else "") + (" †" if row in stale_rows else "")
-             for row in flagged | stale_rows}
-    lines = [f"## {study.title}", "", markdown_table(summary, columns, marks), ""]
-    if flagged:
-        lines += ["⚠ = at least one run of this row raised an error-severity health finding "
-                  "(see Health below).", ""]
+    table_marks = {row: marks.get(row, "") + (" †" if row in stale_rows else "")
+                   for row in set(marks) | stale_rows}
+    lines = [f"## {study.title}", "", markdown_table(summary, columns, table_marks), ""]
+    if marks:
+        lines += [MARK_LEGEND, ""]
     if stale_rows:
         lines += ["† = stale: made by other code, params or checkpoints than the checkout's.", ""]
     curves = pd.DataFrame.from_records(
@@ -149,6 +147,11 @@ def _study_section(study: Any, runs: list[RunSpec], diagnostics: dict[RunSpec, d
     if not findings:
         lines += [f"All detectors of `models/health` ran on the {len(runs)} runs above: no findings.",
                   ""]
+    else:
+        counts = ", ".join(f"{sum(f['severity'] == sev for f in findings)} {sev}"
+                           for sev in reversed(SEVERITY_ORDER))
+        lines += [f"{len(findings)} findings on the {len(runs)} runs above ({counts}), worst "
+                  "first:", ""]
     for f in findings:
         lines.append(f"- **{f['severity']}** `{f['detector']}` [{f['run']}]: {f['message']} "
                      f"(look at {f['where']})")
@@ -162,6 +165,27 @@ def _study_section(study: Any, runs: list[RunSpec], diagnostics: dict[RunSpec, d
 
 
 SEVERITY_ORDER = ["info", "warning", "error", "fatal"]
+# Table marks: the worst finding of any run of the row (fatal: its numbers are meaningless;
+# error: the row's result is suspect).
+MARKS = {"fatal": " ✖", "error": " ⚠"}
+MARK_LEGEND = ("✖ = at least one run of this row raised a fatal health finding (its numbers are "
+               "meaningless); ⚠ = at least one raised an error-severity finding (the row's result "
+               "is suspect). See Health below.")
+
+
+def worst_first_dicts(findings: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Findings (as stored in diagnostics.json) by severity, worst first; then by run, so one
+    run's findings of a severity stay together."""
+    return sorted(findings, key=lambda f: (-SEVERITY_ORDER.index(f["severity"]), f["run"]))
+
+
+def row_marks(findings: list[dict[str, Any]]) -> dict[str, str]:
+    """``{row: mark}`` for rows with a fatal or error finding in any run (the worst wins)."""
+    marks: dict[str, str] = {}
+    for f in reversed(worst_first_dicts(findings)):
+        if f["severity"] in MARKS:
+            marks[f["run"].split("/")[1]] = MARKS[f["severity"]]
+    return marks
 
 
 def _one_line(text: str, limit: int = 240) -> str:

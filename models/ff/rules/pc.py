@@ -142,7 +142,8 @@ class PC(Rule):
             with torch.no_grad():
                 self.r_bar.mul_(c.precision_ema).add_((1 - c.precision_ema) * self.r)
         names = self.net.layer_names()
-        stats = {"loss": float(loss), "settle_iters": float(iters), "residual": res}
+        stats = {"loss": float(loss), "settle_iters": float(iters), "residual": res,
+                 "settle/inference/tol": c.settle_tol, "settle/inference/cap": float(c.settle_iters)}
         pis = self.precision().detach()
         for i, n in enumerate(names):
             stats[f"precision/{n}"] = float(pis[i])
