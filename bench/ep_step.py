@@ -14,6 +14,7 @@ mode) or bf16 autocast (bf16 mode) where the estimator tolerates it (see ``model
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import resource
 import time
@@ -64,6 +65,11 @@ def _time(step: Callable[[], None], device: torch.device, repeats: int) -> dict[
 
 
 def _fresh(device: torch.device) -> None:
+    """Free what earlier rows left (compiled functions hold their engines, engines their graph
+    pools) so that each row's peak memory is its own."""
+    gc.collect()
+    torch._dynamo.reset()
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -74,6 +80,8 @@ def main() -> None:
     ap.add_argument("--small", action="store_true", help="CPU smoke scale (C=32, B=4, T=32)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time the fast path's graphs one by one (CUDA)")
     ap.add_argument("--skip-eager-bptt", action="store_true",
                     help="skip the 28 GB eager BPTT row (cosines need it)")
     args = ap.parse_args()
@@ -183,10 +191,47 @@ def main() -> None:
         del model
     results["ep_fast_t1_scaling"] = flat
 
+    if args.breakdown and device.type == "cuda":
+        results["breakdown_ms"] = {
+            mode: _breakdown(eq_model(t1), idx, tgt, ep_cfg, bptt_cfg, FastConfig(bf16=bf16))
+            for mode, bf16 in (("fast", False), ("fast_bf16", True))}
     _report(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"-> {args.out}")
+
+
+def _breakdown(model: EquilibriumLM, idx: torch.Tensor, tgt: torch.Tensor, ep_cfg: EPConfig,
+               bptt_cfg: BPTTConfig, fcfg: FastConfig) -> dict[str, float]:
+    """Median ms of each captured graph of the fast path, replayed alone."""
+    _fresh(idx.device)
+    eng = FastEQ(model, fcfg)
+    eng.gradients(idx, tgt, ep_cfg, JacregController())
+    eng.gradients(idx, tgt, bptt_cfg, JacregController())
+    shape = tuple(idx.shape)
+    graphs = {"free_t1": eng._free_graphs(shape)[0], "nudge+contrast": eng._ep_graph(shape, ep_cfg),
+              "stabilisers": eng._stab_graph(shape, True, 0.0), "bptt": eng._bptt_graph(shape)}
+    for variant in (FastConfig(bf16=fcfg.bf16, bptt_attention="materialized"),
+                    FastConfig(bf16=fcfg.bf16, nudge="lockstep")):
+        other = FastEQ(model, variant)
+        other.gradients(idx, tgt, ep_cfg, JacregController())
+        if variant.nudge == "lockstep":
+            graphs["nudge+contrast (lockstep)"] = other._ep_graph(shape, ep_cfg)
+        else:
+            other.gradients(idx, tgt, bptt_cfg, JacregController())
+            graphs["bptt (materialized attention)"] = other._bptt_graph(shape)
+    out = {}
+    for name, g in graphs.items():
+        times = []
+        for _ in range(7):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            g()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        out[name] = sorted(times)[len(times) // 2]
+    return out
 
 
 def _report(results: dict[str, Any]) -> None:
@@ -206,6 +251,8 @@ def _report(results: dict[str, Any]) -> None:
     print("EP fast peak MB vs T1: " + ", ".join(f"{k}: {r['peak_mb']:.0f}" for k, r in fl.items())
           + f" (ratio {vals[1]['peak_mb'] / vals[0]['peak_mb']:.3f}); ms: "
           + ", ".join(f"{k}: {r['ms_per_step']:.1f}" for k, r in fl.items()))
+    for mode, parts in results.get("breakdown_ms", {}).items():
+        print(f"{mode} graphs (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
     print("gradient vs eager fp32 (same batch/state): min group cos, global cos, norm ratio")
     for name, cos in results["cosine"].items():
         groups = {k: v for k, v in cos.items() if k.startswith("cos/") and k != "cos/global"}

@@ -73,7 +73,7 @@ def test_fast_ep_matches_eager(aep: str) -> None:
     cfg = EPConfig(beta=1e-3, t2=12, aep=aep,  # type: ignore[arg-type]
                    adaptive_t2=aep == "none", t2_max=16, snapshot_every=4,
                    stab=StabiliserConfig(resreg=0.3))
-    fast = FastEQ(model, FastConfig(graphs=False, compile=False))
+    fast = FastEQ(model, FastConfig(graphs=False, compile=False, nudge="lockstep"))
     torch.manual_seed(5)
     g_ref, s_ref = gradients(model, idx, tgt, cfg, JacregController(lam=0.7))
     torch.manual_seed(5)
@@ -82,6 +82,26 @@ def test_fast_ep_matches_eager(aep: str) -> None:
     for key in ("loss", "residual", "settle_iters", "t2", "a_norm", "term/jacreg", "term/resreg",
                 "lambda", "gate_skipped", "grad/global"):
         assert s[key] == pytest.approx(s_ref[key], rel=1e-7, abs=1e-15), key
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_differential_nudge_is_the_lockstep_estimator_to_beta_squared(adaptive: bool) -> None:
+    """Tracking-AEP in common/differential mode (the fast path's default) against the eager
+    lockstep phases: the gap is the centered estimator's own O(beta^2) and shrinks ~4x per
+    halving of beta."""
+    model, idx, tgt = make(6, qk_norm=True)
+    fast = FastEQ(model, FastConfig(graphs=False, compile=False))
+    gaps = []
+    for beta in (0.02, 0.01):
+        cfg = EPConfig(beta=beta, t2=15, adaptive_t2=adaptive, t2_max=24, snapshot_every=4)
+        g_ref, s_ref = ep_gradients(model, idx, tgt, cfg)
+        g, s = fast.gradients(idx, tgt, cfg)
+        if adaptive:
+            assert s["t2"] == s_ref["t2"]
+        num = sum((g[n] - g_ref[n]).pow(2).sum() for n in g)
+        gaps.append(float(num.sqrt() / sum(x.pow(2).sum() for x in g_ref.values()).sqrt()))
+    assert gaps[0] < 1e-3, gaps
+    assert 3.0 < gaps[0] / gaps[1] < 5.0, gaps
 
 
 def test_fast_free_phase_continues_like_relax() -> None:
@@ -107,9 +127,11 @@ def test_fast_gate_skips_the_task_gradient() -> None:
     _close(g, g_ref)
 
 
-def test_fast_bptt_is_the_exact_unroll_gradient() -> None:
+@pytest.mark.parametrize("attention", ["sdpa", "materialized"])
+def test_fast_bptt_is_the_exact_unroll_gradient(attention: str) -> None:
     model, idx, tgt = make(4, qk_norm=True, relax_cfg=RelaxConfig(eps=0.2, t1=25, t1max=25))
-    fast = FastEQ(model, FastConfig(graphs=False, compile=False))
+    fast = FastEQ(model, FastConfig(graphs=False, compile=False,
+                                    bptt_attention=attention))  # type: ignore[arg-type]
     cfg = BPTTConfig()
     g_ref, s_ref = gradients(model, idx, tgt, cfg)
     g, s = fast.gradients(idx, tgt, cfg)

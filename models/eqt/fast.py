@@ -39,7 +39,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +65,15 @@ class FastConfig:
     compile: bool = True
     bf16: bool = False
     tf32: bool = True
+    nudge: Literal["differential", "lockstep"] = "differential"
+    bptt_attention: Literal["sdpa", "materialized"] = "sdpa"
+
+    def __post_init__(self) -> None:
+        if self.nudge not in ("differential", "lockstep"):
+            raise ValueError(f"nudge must be 'differential' or 'lockstep', not {self.nudge!r}")
+        if self.bptt_attention not in ("sdpa", "materialized"):
+            raise ValueError(f"bptt_attention must be 'sdpa' or 'materialized', not "
+                             f"{self.bptt_attention!r}")
 
 
 # --------------------------------------------------------------------------- closed-form block
@@ -141,6 +150,15 @@ class ThickOps:
         out = F.linear(self._merge(y), att.o.weight, att.o.bias)
         x2 = F.layer_norm(z, (z.shape[-1],), blk.ln2.weight, blk.ln2.bias, blk.ln2.eps)
         hid = F.gelu(F.linear(x2, blk.ffn.fc.weight, blk.ffn.fc.bias), approximate="tanh")
+        return out + F.linear(hid, blk.ffn.proj.weight, blk.ffn.proj.bias)
+
+    def interaction_materialized(self, z: torch.Tensor) -> torch.Tensor:
+        """h(z) through the explicit softmax (the T x T probabilities stored); for autograd where
+        the fused attention's backward is the slower one (fp32 on Hopper)."""
+        pr = self._primal(z)
+        blk, att = self.b, self.b.attn
+        out = F.linear(self._merge(pr["y"]), att.o.weight, att.o.bias)
+        hid = F.gelu(pr["a"], approximate="tanh")
         return out + F.linear(hid, blk.ffn.proj.weight, blk.ffn.proj.bias)
 
     def _primal(self, z: torch.Tensor) -> dict[str, Any]:
@@ -275,6 +293,8 @@ class FastEQ:
         self._force_fp32 = wrap(self._force_fp32_eager, dynamic=False)
         self._antisym = wrap(self.ops.antisym, dynamic=False)
         self._jvp = wrap(self.ops.jvp, dynamic=False)
+        self._vjp = wrap(self.ops.vjp, dynamic=False)
+        self._interaction_mat = wrap(self.ops.interaction_materialized, dynamic=False)
         self._nudge_step = self._nudge_step_eager
 
     # ---- precision contexts
@@ -343,6 +363,28 @@ class FastEQ:
             elif aep == "fixed":
                 f = f - self._antisym(star2, z - star2).to(self.dtype)
         return z + eps * f
+
+    def _differential_step(self, m_: torch.Tensor, d: torch.Tensor, x_in: torch.Tensor,
+                           tgt2: torch.Tensor, r: float, scale: float,
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One tracking-AEP step of the two phases z+- = m +- d in common/differential mode.
+
+        Lockstep: z+-' = F(z+-) -+ r G+- -+ C(m) d with C = J - J^T at m = (z+ + z-)/2. Hence
+        m' = (F(m+d) + F(m-d))/2 - r (G+ - G-)/2 and d' = (F(m+d) - F(m-d))/2 - C d
+        - r (G+ + G-)/2 = J(m)^T d - r (G+ + G-)/2 + O(|d|^3), and (F(m+d) + F(m-d))/2 =
+        F(m) + O(|d|^2). The dropped terms are the centered estimator's own O(beta^2) order; at
+        the per-token beta they are below fp32 rounding of the lockstep difference, which this
+        form avoids (d is carried, never recovered from z+ - z-), so it runs in TF32 / bf16.
+        """
+        eps = self.model.relax_cfg.eps
+        c = self.model.block.damping
+        g = scale * self.model.ce_grad_z(torch.cat([m_ + d, m_ - d]), tgt2)
+        gp, gm = g.chunk(2)
+        with self._matmul_precision(self.cfg.tf32), self._amp():
+            f = self._force(m_, x_in)
+            jtd = self._vjp(m_, d).to(self.dtype) - (1 + c) * d
+        return (m_ + eps * (f - 0.5 * r * (gp - gm)),
+                d + eps * (jtd - 0.5 * r * (gp + gm)))
 
     # ---- buffers
     def _buf(self, name: str, like: torch.Tensor) -> torch.Tensor:
@@ -451,7 +493,7 @@ class FastEQ:
 
     # ---- EP task gradient
     def _ep_graph(self, shape: tuple[int, ...], cfg: EPConfig) -> _Graphed:
-        key = ("ep", shape, cfg.beta, cfg.t2, cfg.aep, cfg.holomorphic_n, cfg.holomorphic_r,
+        key = ("ep", shape, self.cfg.nudge, cfg.beta, cfg.t2, cfg.aep, cfg.holomorphic_n, cfg.holomorphic_r,
                cfg.adaptive_t2, cfg.t2_max, cfg.snapshot_every, cfg.nudge_scale)
         if key in self._cache:
             return self._cache[key]
@@ -472,6 +514,7 @@ class FastEQ:
         grads_out = self._grad_bufs("task")
         steps = cfg.t2_max if cfg.adaptive_t2 else cfg.t2
         names, params = zip(*m.named_parameters(), strict=True)
+        differential = self.cfg.nudge == "differential" and cfg.aep == "tracking"
 
         def contrast(z: torch.Tensor) -> torch.Tensor:
             d = (z - z_star.repeat(k, 1, 1)).unflatten(0, (k, -1))
@@ -488,10 +531,16 @@ class FastEQ:
                 best_inc = torch.full((), math.inf, device=self.device, dtype=self.dtype)
                 best_t = torch.full((), float(steps), device=self.device, dtype=self.dtype)
                 prev_a = None
+                if differential:
+                    x_in1 = m.x_in(idx)
+                    mode, dif = z_star.clone(), torch.zeros_like(z_star)
                 for t in range(1, steps + 1):
-                    z = self._nudge_step(z, x_in2, tgt2, star2, beta_b, scale, cfg.aep)
+                    if differential:
+                        mode, dif = self._differential_step(mode, dif, x_in1, tgt2, r, scale)
+                    else:
+                        z = self._nudge_step(z, x_in2, tgt2, star2, beta_b, scale, cfg.aep)
                     if cfg.adaptive_t2 and t % cfg.snapshot_every == 0:
-                        a = contrast(z)
+                        a = -dif / r if differential else contrast(z)
                         if prev_a is not None:
                             inc = (a - prev_a).norm()
                             better = torch.isfinite(a).all() & (inc < best_inc)
@@ -499,7 +548,7 @@ class FastEQ:
                             best_t = torch.where(better, torch.full_like(best_t, t), best_t)
                             best_inc = torch.where(better, inc, best_inc)
                         prev_a = a
-                last = contrast(z)
+                last = -dif / r if differential else contrast(z)
                 if cfg.adaptive_t2:
                     found = torch.isfinite(best_inc)
                     a = torch.where(found, best_a, last)
@@ -612,7 +661,8 @@ class FastEQ:
                 gx = torch.zeros_like(lam)
                 for i in range(rc.t1 - 1, -1, -1):
                     zi = states[i].detach().requires_grad_(True)
-                    h = self._interaction(zi)
+                    h = (self._interaction_mat(zi) if self.cfg.bptt_attention == "materialized"
+                         else self._interaction(zi))
                     out = torch.autograd.grad(h, [zi, *block_params], lam.to(h.dtype))
                     for a_, g in zip(acc, out[1:], strict=True):
                         a_.add_(g, alpha=eps)
