@@ -37,9 +37,9 @@ from models.nets.transformer import TransformerLM, TransformerShape
 OUT = Path("bench/results/ep_step.json")
 
 
-def _peak_mb(device: torch.device) -> float:
+def _peak_mb(device: torch.device, base: int) -> float:
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -48,23 +48,24 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(step: Callable[[], None], device: torch.device, repeats: int) -> dict[str, float]:
+def _time(step: Callable[[], None], device: torch.device, repeats: int,
+          base: int = 0) -> dict[str, float]:
     """Median wall time of ``repeats`` steps after one warm-up (graph capture / compilation),
-    and the peak memory of the timed steps (graph pools included: they stay allocated)."""
+    and the peak memory of the step above ``base`` (what was allocated before the row built its
+    model; graph pools included, they stay allocated)."""
     step()
     _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         step()
         _sync(device)
         times.append(time.perf_counter() - t)
-    return {"ms_per_step": 1000 * sorted(times)[len(times) // 2], "peak_mb": _peak_mb(device)}
+    return {"ms_per_step": 1000 * sorted(times)[len(times) // 2],
+            "peak_mb": _peak_mb(device, base)}
 
 
-def _fresh(device: torch.device) -> None:
+def _fresh(device: torch.device) -> int:
     """Free what earlier rows left (compiled functions hold their engines, engines their graph
     pools) so that each row's peak memory is its own."""
     gc.collect()
@@ -73,6 +74,8 @@ def _fresh(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    return 0
 
 
 def main() -> None:
@@ -107,25 +110,6 @@ def main() -> None:
                    else "cpu", "torch": torch.__version__, "ep": "tracking-AEP, beta 0.02, "
                    "per-token nudge, jacreg controller (lambda 0.1)"},
         "steps": {}, "cosine": {}}
-
-    # ---- gradient agreement on one batch and state (before any optimizer step)
-    def grads_of(fn: Callable[[], tuple[dict[str, torch.Tensor], Any]],
-                 ) -> dict[str, torch.Tensor]:
-        torch.manual_seed(1)
-        g, _ = fn()
-        return {n: x.detach().clone() for n, x in g.items()}
-
-    engines = {"fast": FastEQ(eq, FastConfig()), "fast_bf16": FastEQ(eq, FastConfig(bf16=True))}
-    for rule, cfg in (("ep_tracking_aep", ep_cfg), ("bptt", bptt_cfg)):
-        if rule == "bptt" and args.skip_eager_bptt:
-            continue
-        _fresh(device)
-        ref = grads_of(lambda cfg=cfg: gradients(eq, idx, tgt, cfg, JacregController()))
-        for name, eng in engines.items():
-            g = grads_of(lambda eng=eng, cfg=cfg: eng.gradients(idx, tgt, cfg, JacregController()))
-            results["cosine"][f"{rule}/{name}"] = grad_cosines(g, ref)
-        del ref
-    del engines
 
     # ---- timings: gradient + AdamW step
     def eq_step(model: EquilibriumLM, cfg: EPConfig | BPTTConfig,
@@ -166,30 +150,49 @@ def main() -> None:
         for mode, fcfg in modes.items():
             if rule == "bptt" and mode == "eager" and args.skip_eager_bptt:
                 continue
-            _fresh(device)
+            base = _fresh(device)
             model = eq_model(t1)
             fast = None if fcfg is None else FastEQ(model, fcfg)
-            row[mode] = _time(eq_step(model, cfg, fast), device, args.repeats)
+            row[mode] = _time(eq_step(model, cfg, fast), device, args.repeats, base)
             del model, fast
         results["steps"][rule] = row
     bp_row = {}
     for mode, (compiled, bf16) in {"eager": (False, False), "fast": (True, False),
                                    "fast_bf16": (True, True)}.items():
-        _fresh(device)
+        base = _fresh(device)
         torch.backends.cuda.matmul.allow_tf32 = mode != "eager"
-        bp_row[mode] = _time(bp_step(compiled, bf16), device, args.repeats)
+        bp_row[mode] = _time(bp_step(compiled, bf16), device, args.repeats, base)
     torch.backends.cuda.matmul.allow_tf32 = False
     results["steps"]["bp"] = bp_row
 
     # ---- EP peak memory must be flat in T1 (no per-step storage)
     flat = {}
     for steps in (t1, 2 * t1):
-        _fresh(device)
+        base = _fresh(device)
         model = eq_model(steps)
         flat[f"T1={steps}"] = _time(eq_step(model, ep_cfg, FastEQ(model, FastConfig())), device,
-                                    max(2, args.repeats // 2))
+                                    max(2, args.repeats // 2), base)
         del model
     results["ep_fast_t1_scaling"] = flat
+
+    # ---- gradient agreement on one batch and state (before any optimizer step)
+    def grads_of(fn: Callable[[], tuple[dict[str, torch.Tensor], Any]],
+                 ) -> dict[str, torch.Tensor]:
+        torch.manual_seed(1)
+        g, _ = fn()
+        return {n: x.detach().clone() for n, x in g.items()}
+
+    engines = {"fast": FastEQ(eq, FastConfig()), "fast_bf16": FastEQ(eq, FastConfig(bf16=True))}
+    for rule, cfg in (("ep_tracking_aep", ep_cfg), ("bptt", bptt_cfg)):
+        if rule == "bptt" and args.skip_eager_bptt:
+            continue
+        _fresh(device)
+        ref = grads_of(lambda cfg=cfg: gradients(eq, idx, tgt, cfg, JacregController()))
+        for name, eng in engines.items():
+            g = grads_of(lambda eng=eng, cfg=cfg: eng.gradients(idx, tgt, cfg, JacregController()))
+            results["cosine"][f"{rule}/{name}"] = grad_cosines(g, ref)
+        del ref
+    del engines
 
     if args.breakdown and device.type == "cuda":
         results["breakdown_ms"] = {
@@ -209,7 +212,7 @@ def _breakdown(model: EquilibriumLM, idx: torch.Tensor, tgt: torch.Tensor, ep_cf
     eng.gradients(idx, tgt, ep_cfg, JacregController())
     eng.gradients(idx, tgt, bptt_cfg, JacregController())
     shape = tuple(idx.shape)
-    graphs = {"free_t1": eng._free_graphs(shape)[0], "nudge+contrast": eng._ep_graph(shape, ep_cfg),
+    graphs = {"free_t1": eng._free_graphs(shape, False)[0], "nudge+contrast": eng._ep_graph(shape, ep_cfg),
               "stabilisers": eng._stab_graph(shape, True, 0.0), "bptt": eng._bptt_graph(shape)}
     for variant in (FastConfig(bf16=fcfg.bf16, bptt_attention="materialized"),
                     FastConfig(bf16=fcfg.bf16, nudge="lockstep")):

@@ -107,7 +107,7 @@ def test_differential_nudge_is_the_lockstep_estimator_to_beta_squared(adaptive: 
 def test_fast_free_phase_continues_like_relax() -> None:
     model, idx, _ = make(2)
     ref = model.free_phase(idx)
-    out = FastEQ(model, FastConfig(graphs=False, compile=False)).free_phase(idx)
+    out = FastEQ(model, FastConfig(graphs=False, compile=False)).free_phase(idx, keep_trace=True)
     assert out.steps == ref.steps > model.relax_cfg.t1  # the chunked continuation ran
     torch.testing.assert_close(out.z, ref.z)
     torch.testing.assert_close(out.z_t1, ref.z_t1)

@@ -138,9 +138,9 @@ class ThickOps:
         """h(z) with fused attention (no score tensor); differentiable by autograd."""
         blk, att = self.b, self.b.attn
         x = F.layer_norm(z, (z.shape[-1],), blk.ln1.weight, blk.ln1.bias, blk.ln1.eps)
-        q = self._split(F.linear(x, att.q.weight, att.q.bias))
-        k = self._split(F.linear(x, att.k.weight, att.k.bias))
-        v = self._split(F.linear(x, att.v.weight, att.v.bias))
+        qkv = F.linear(x, torch.cat([att.q.weight, att.k.weight, att.v.weight]),
+                       torch.cat([att.q.bias, att.k.bias, att.v.bias]))  # one GEMM, not three
+        q, k, v = (self._split(y) for y in qkv.chunk(3, -1))
         if not isinstance(att.q_norm, nn.Identity):
             q = F.layer_norm(q, (q.shape[-1],), att.q_norm.weight, att.q_norm.bias,
                              att.q_norm.eps)
@@ -289,6 +289,7 @@ class FastEQ:
         wrap = (torch.compile if self.cfg.compile and dev.type == "cuda"
                 else (lambda f, **_: f))
         self._free_core = wrap(self._free_core_eager, dynamic=False)
+        self._relax_core = wrap(self._relax_core_eager, dynamic=False)
         self._interaction = wrap(self.ops.interaction, dynamic=False)
         self._force_fp32 = wrap(self._force_fp32_eager, dynamic=False)
         self._antisym = wrap(self.ops.antisym, dynamic=False)
@@ -340,6 +341,22 @@ class FastEQ:
                    ) -> tuple[torch.Tensor, torch.Tensor]:
         with self._amp():
             return self._free_core(z, x_in)
+
+    def _relax_core_eager(self, z: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
+        """z + eps F(z) without the residual (its two norms cost ~10% of a step)."""
+        eps = self.model.relax_cfg.eps
+        f = -(z - x_in) + self.ops.interaction(z).to(self.dtype) - self.model.block.damping * z
+        return z + eps * f
+
+    def _relax_step(self, z: torch.Tensor, x_in: torch.Tensor, trace: torch.Tensor | None,
+                    i: int) -> torch.Tensor:
+        """One free-phase step; writes res(z) into ``trace[i]`` when a trace is kept."""
+        if trace is None:
+            with self._amp():
+                return self._relax_core(z, x_in)
+        cur, r = self._free_step(z, x_in)
+        trace[i].copy_(r)
+        return cur
 
     def _force_fp32_eager(self, z: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
         return -(z - x_in) + self.ops.interaction(z) - self.model.block.damping * z
@@ -403,8 +420,9 @@ class FastEQ:
             self._buf("tgt", targets).copy_(targets)
 
     # ---- free phase
-    def _free_graphs(self, shape: tuple[int, ...]) -> tuple[_Graphed, _Graphed, _Graphed]:
-        key = ("free", shape)
+    def _free_graphs(self, shape: tuple[int, ...], keep_trace: bool,
+                     ) -> tuple[_Graphed, _Graphed, _Graphed]:
+        key = ("free", shape, keep_trace)
         if key not in self._cache:
             m, rc = self.model, self.model.relax_cfg
             idx = self._out["idx"]
@@ -416,6 +434,7 @@ class FastEQ:
             x_in = self._buf("x_in", proto)
             trace = self._buf("trace", torch.zeros(rc.t1max + 1, device=self.device, dtype=self.dtype))
             res = self._buf("res", torch.zeros((), device=self.device, dtype=self.dtype))
+            tr = trace if keep_trace else None
 
             def tail() -> None:
                 with torch.no_grad(), self._matmul_precision(self.cfg.tf32):
@@ -427,8 +446,7 @@ class FastEQ:
                     x_in.copy_(m.x_in(idx))
                     cur = x_in
                     for i in range(rc.t1):
-                        cur, r = self._free_step(cur, x_in)
-                        trace[i].copy_(r)
+                        cur = self._relax_step(cur, x_in, tr, i)
                     z.copy_(cur)
                     zt1.copy_(cur)
                 tail()
@@ -437,16 +455,13 @@ class FastEQ:
                 with torch.no_grad(), self._matmul_precision(self.cfg.tf32):
                     cur = z
                     for i in range(rc.chunk):
-                        cur, r = self._free_step(cur, x_in)
-                        trace[i].copy_(r)
+                        cur = self._relax_step(cur, x_in, tr, i)
                     z.copy_(cur)
                 tail()
 
             def one() -> None:
                 with torch.no_grad(), self._matmul_precision(self.cfg.tf32):
-                    cur, r = self._free_step(z, x_in)
-                    trace[0].copy_(r)
-                    z.copy_(cur)
+                    z.copy_(self._relax_step(z, x_in, tr, 0))
                 tail()
 
             self._cache[key] = (_Graphed(t1, self.use_graphs, self.pool),
@@ -454,26 +469,31 @@ class FastEQ:
                                 _Graphed(one, self.use_graphs, self.pool))
         return self._cache[key]
 
-    def free_phase(self, idx: torch.Tensor) -> RelaxResult:
+    def free_phase(self, idx: torch.Tensor, keep_trace: bool = False) -> RelaxResult:
         """The adaptive free phase of ``models.eqt.relax.relax``: T1 steps, then chunks until
-        res <= res_target or t1max; one host read of the residual per chunk."""
+        res <= res_target or t1max; one host read of the residual per chunk. Without
+        ``keep_trace`` the per-step residuals are not computed and ``trace`` holds only the
+        residuals read after T1 and after each chunk."""
         rc = self.model.relax_cfg
         self._inputs(idx, None)
-        g_t1, g_chunk, g_one = self._free_graphs(tuple(idx.shape))
+        g_t1, g_chunk, g_one = self._free_graphs(tuple(idx.shape), keep_trace)
         trace_buf, res_buf = self._out["trace"], self._out["res"]
         g_t1()
-        trace = trace_buf[:rc.t1].tolist()
+        trace = trace_buf[:rc.t1].tolist() if keep_trace else []
         res = res_t1 = float(res_buf)
         steps = rc.t1
         while math.isfinite(res) and res > rc.res_target and steps < rc.t1max:
             n = min(rc.chunk, rc.t1max - steps)
             if n == rc.chunk:
                 g_chunk()
-                trace += trace_buf[:n].tolist()
+                trace += trace_buf[:n].tolist() if keep_trace else [res]
             else:
                 for _ in range(n):
                     g_one()
-                    trace.append(float(trace_buf[0]))
+                    if keep_trace:
+                        trace.append(float(trace_buf[0]))
+                if not keep_trace:
+                    trace.append(res)
             steps += n
             res = float(res_buf)
         trace.append(res)
@@ -646,7 +666,7 @@ class FastEQ:
                 states[0].copy_(x_in)
                 cur = x_in
                 for i in range(rc.t1):
-                    cur, _ = self._free_step(cur, x_in)
+                    cur = self._relax_step(cur, x_in, None, i)
                     states[i + 1].copy_(cur)
                 _, r = self._free_step(cur, x_in)
                 res_out.copy_(r)
