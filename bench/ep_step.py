@@ -25,13 +25,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from models.eqt.bptt import BPTTConfig
+from models.config.eqt import BPTTRule, EPRule, FastConfig, NudgeConfig
 from models.eqt.diagnostics import grad_cosines
-from models.eqt.ep import EPConfig
-from models.eqt.fast import FastConfig, FastEQ
+from models.eqt.fast import FastEQ
 from models.eqt.model import EqShape, EquilibriumLM, gradients
 from models.eqt.relax import RelaxConfig
-from models.eqt.stabilisers import JacregController, StabiliserConfig
+from models.eqt.stabilisers import JacregController
 from models.nets.transformer import TransformerLM, TransformerShape
 
 OUT = Path("bench/results/ep_step.json")
@@ -102,8 +101,8 @@ def main() -> None:
                              RelaxConfig(eps=0.1, t1=t1_steps, t1max=t1_steps)).to(device)
 
     eq = eq_model(t1)
-    ep_cfg = EPConfig(t2=t2, stab=StabiliserConfig())
-    bptt_cfg = BPTTConfig()
+    ep_cfg = EPRule(nudge=NudgeConfig(t2=t2))
+    bptt_cfg = BPTTRule()
     results: dict[str, Any] = {
         "config": {"C": c, "H": h, "B": b, "T": t, "T1": t1, "T2": t2, "V": v,
                    "device": torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -112,7 +111,7 @@ def main() -> None:
         "steps": {}, "cosine": {}}
 
     # ---- timings: gradient + AdamW step
-    def eq_step(model: EquilibriumLM, cfg: EPConfig | BPTTConfig,
+    def eq_step(model: EquilibriumLM, cfg: EPRule | BPTTRule,
                 fast: FastEQ | None) -> Callable[[], None]:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
         ctl = JacregController()
@@ -204,22 +203,23 @@ def main() -> None:
     print(f"-> {args.out}")
 
 
-def _breakdown(model: EquilibriumLM, idx: torch.Tensor, tgt: torch.Tensor, ep_cfg: EPConfig,
-               bptt_cfg: BPTTConfig, fcfg: FastConfig) -> dict[str, float]:
+def _breakdown(model: EquilibriumLM, idx: torch.Tensor, tgt: torch.Tensor, ep_cfg: EPRule,
+               bptt_cfg: BPTTRule, fcfg: FastConfig) -> dict[str, float]:
     """Median ms of each captured graph of the fast path, replayed alone."""
     _fresh(idx.device)
     eng = FastEQ(model, fcfg)
     eng.gradients(idx, tgt, ep_cfg, JacregController())
     eng.gradients(idx, tgt, bptt_cfg, JacregController())
     shape = tuple(idx.shape)
-    graphs = {"free_t1": eng._free_graphs(shape, False)[0], "nudge+contrast": eng._ep_graph(shape, ep_cfg),
+    graphs = {"free_t1": eng._free_graphs(shape, False)[0],
+              "nudge+contrast": eng._ep_graph(shape, ep_cfg.nudge),
               "stabilisers": eng._stab_graph(shape, True, 0.0), "bptt": eng._bptt_graph(shape)}
     for variant in (FastConfig(bf16=fcfg.bf16, bptt_attention="materialized"),
                     FastConfig(bf16=fcfg.bf16, nudge="lockstep")):
         other = FastEQ(model, variant)
         other.gradients(idx, tgt, ep_cfg, JacregController())
         if variant.nudge == "lockstep":
-            graphs["nudge+contrast (lockstep)"] = other._ep_graph(shape, ep_cfg)
+            graphs["nudge+contrast (lockstep)"] = other._ep_graph(shape, ep_cfg.nudge)
         else:
             other.gradients(idx, tgt, bptt_cfg, JacregController())
             graphs["bptt (materialized attention)"] = other._bptt_graph(shape)

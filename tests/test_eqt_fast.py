@@ -13,14 +13,14 @@ import pytest
 import torch
 from torch.func import jvp, vjp
 
-from models.eqt.bptt import BPTTConfig
+from models.config.eqt import BPTTRule, EPRule, FastConfig, NudgeConfig, StabiliserConfig
 from models.eqt.diagnostics import cosine, grad_cosines
-from models.eqt.ep import EPConfig, ep_gradients
-from models.eqt.fast import FastConfig, FastEQ, ThickOps
+from models.eqt.ep import ep_gradients
+from models.eqt.fast import FastEQ, ThickOps
 from models.eqt.implicit import ImplicitConfig, implicit_gradients
 from models.eqt.model import EqShape, EquilibriumLM, gradients
 from models.eqt.relax import RelaxConfig
-from models.eqt.stabilisers import JacregController, StabiliserConfig
+from models.eqt.stabilisers import JacregController
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -70,9 +70,9 @@ def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
 @pytest.mark.parametrize("aep", ["tracking", "none", "fixed"])
 def test_fast_ep_matches_eager(aep: str) -> None:
     model, idx, tgt = make(1, qk_norm=aep == "tracking")
-    cfg = EPConfig(beta=1e-3, t2=12, aep=aep,  # type: ignore[arg-type]
-                   adaptive_t2=aep == "none", t2_max=16, snapshot_every=4,
-                   stab=StabiliserConfig(resreg=0.3))
+    cfg = EPRule(nudge=NudgeConfig(beta=1e-3, t2=12, aep=aep,  # type: ignore[arg-type]
+                                   adaptive_t2=aep == "none", t2_max=16, snapshot_every=4),
+                 stab=StabiliserConfig(resreg=0.3))
     fast = FastEQ(model, FastConfig(graphs=False, compile=False, nudge="lockstep"))
     torch.manual_seed(5)
     g_ref, s_ref = gradients(model, idx, tgt, cfg, JacregController(lam=0.7))
@@ -93,9 +93,9 @@ def test_differential_nudge_is_the_lockstep_estimator_to_beta_squared(adaptive: 
     fast = FastEQ(model, FastConfig(graphs=False, compile=False))
     gaps = []
     for beta in (0.02, 0.01):
-        cfg = EPConfig(beta=beta, t2=15, adaptive_t2=adaptive, t2_max=24, snapshot_every=4)
+        cfg = NudgeConfig(beta=beta, t2=15, adaptive_t2=adaptive, t2_max=24, snapshot_every=4)
         g_ref, s_ref = ep_gradients(model, idx, tgt, cfg)
-        g, s = fast.gradients(idx, tgt, cfg)
+        g, s = fast.gradients(idx, tgt, EPRule(nudge=cfg))
         if adaptive:
             assert s["t2"] == s_ref["t2"]
         num = sum((g[n] - g_ref[n]).pow(2).sum() for n in g)
@@ -117,7 +117,8 @@ def test_fast_free_phase_continues_like_relax() -> None:
 
 def test_fast_gate_skips_the_task_gradient() -> None:
     model, idx, tgt = make(3, relax_cfg=RelaxConfig(eps=0.2, t1=3, t1max=3))
-    cfg = EPConfig(beta=1e-3, t2=5, stab=StabiliserConfig(gate=1e-9, jacreg=0.5))
+    cfg = EPRule(nudge=NudgeConfig(beta=1e-3, t2=5),
+                 stab=StabiliserConfig(gate=1e-9, jacreg=0.5, controller=False))
     fast = FastEQ(model, FastConfig(graphs=False, compile=False))
     torch.manual_seed(0)
     g_ref, s_ref = gradients(model, idx, tgt, cfg)
@@ -132,7 +133,7 @@ def test_fast_bptt_is_the_exact_unroll_gradient(attention: str) -> None:
     model, idx, tgt = make(4, qk_norm=True, relax_cfg=RelaxConfig(eps=0.2, t1=25, t1max=25))
     fast = FastEQ(model, FastConfig(graphs=False, compile=False,
                                     bptt_attention=attention))  # type: ignore[arg-type]
-    cfg = BPTTConfig()
+    cfg = BPTTRule()
     g_ref, s_ref = gradients(model, idx, tgt, cfg)
     g, s = fast.gradients(idx, tgt, cfg)
     _close(g, g_ref)
@@ -159,7 +160,7 @@ def test_per_token_nudge_keeps_fp32_attention_gradients() -> None:
     attn = [n for n in g_imp if ".attn." in n]
     cos = {}
     for scale in ("mean", "token"):
-        g, _ = ep_gradients(model, idx, tgt, EPConfig(beta=0.02, t2=60, nudge_scale=scale))
+        g, _ = ep_gradients(model, idx, tgt, NudgeConfig(beta=0.02, t2=60, nudge_scale=scale))
         cos[scale] = cosine(g, g_imp, attn)
     assert cos["token"] >= 0.99, cos
     assert cos["mean"] < 0.9, cos
@@ -173,7 +174,7 @@ def test_fast_path_matches_eager_fp32_on_cuda(bf16: bool) -> None:
     relax_cfg = RelaxConfig(eps=0.1, t1=150, t1max=300, res_target=1e-4)
     model, idx, tgt = make(0, dtype=torch.float32, relax_cfg=relax_cfg, b=8, t=64, c=64,
                            device="cuda")
-    for cfg in (EPConfig(t2=20, stab=StabiliserConfig(jacreg=0.1)), BPTTConfig()):
+    for cfg in (EPRule(stab=StabiliserConfig(jacreg=0.1, controller=False)), BPTTRule()):
         torch.manual_seed(0)
         g_ref, _ = gradients(model, idx, tgt, cfg)
         fast = FastEQ(model, FastConfig(bf16=bf16))

@@ -38,42 +38,20 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.eqt.bptt import BPTTConfig
-from models.eqt.ep import EPConfig, nudge_points
+from models.config.eqt import BPTTRule, EPRule, FastConfig, NudgeConfig
+from models.eqt.ep import nudge_points
 from models.eqt.relax import RelaxResult
 from models.eqt.stabilisers import JacregController
 
 if TYPE_CHECKING:
     from models.eqt.block import ThickBlock
     from models.eqt.model import EquilibriumLM
-
-
-@dataclass(frozen=True)
-class FastConfig:
-    """``graphs``: capture CUDA graphs (CUDA only); ``compile``: ``torch.compile`` the per-step
-    functions inside the graphs (fuses the elementwise work); ``bf16``: autocast the parts that
-    tolerate it (module docstring); ``tf32``: TF32 matmuls outside the nudged forces."""
-
-    graphs: bool = True
-    compile: bool = True
-    bf16: bool = False
-    tf32: bool = True
-    nudge: Literal["differential", "lockstep"] = "differential"
-    bptt_attention: Literal["sdpa", "materialized"] = "sdpa"
-
-    def __post_init__(self) -> None:
-        if self.nudge not in ("differential", "lockstep"):
-            raise ValueError(f"nudge must be 'differential' or 'lockstep', not {self.nudge!r}")
-        if self.bptt_attention not in ("sdpa", "materialized"):
-            raise ValueError(f"bptt_attention must be 'sdpa' or 'materialized', not "
-                             f"{self.bptt_attention!r}")
 
 
 # --------------------------------------------------------------------------- closed-form block
@@ -320,9 +298,9 @@ class FastEQ:
     @staticmethod
     def supports(rule_cfg: Any) -> bool:
         """BPTT and real-phase EP (holomorphic N <= 2); everything else runs eagerly."""
-        if isinstance(rule_cfg, BPTTConfig):
+        if isinstance(rule_cfg, BPTTRule):
             return True
-        return isinstance(rule_cfg, EPConfig) and rule_cfg.holomorphic_n <= 2
+        return isinstance(rule_cfg, EPRule) and rule_cfg.nudge.holomorphic_n <= 2
 
     # ---- per-step functions (compiled on CUDA)
     def _force(self, z: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
@@ -512,9 +490,8 @@ class FastEQ:
         return self.model.ce(z, targets)
 
     # ---- EP task gradient
-    def _ep_graph(self, shape: tuple[int, ...], cfg: EPConfig) -> _Graphed:
-        key = ("ep", shape, self.cfg.nudge, cfg.beta, cfg.t2, cfg.aep, cfg.holomorphic_n, cfg.holomorphic_r,
-               cfg.adaptive_t2, cfg.t2_max, cfg.snapshot_every, cfg.nudge_scale)
+    def _ep_graph(self, shape: tuple[int, ...], cfg: NudgeConfig) -> _Graphed:
+        key = ("ep", shape, self.cfg.nudge, cfg.model_dump_json())
         if key in self._cache:
             return self._cache[key]
         m = self.model
@@ -704,7 +681,7 @@ class FastEQ:
         return graph
 
     # ---- the dispatcher
-    def gradients(self, idx: torch.Tensor, targets: torch.Tensor, rule_cfg: BPTTConfig | EPConfig,
+    def gradients(self, idx: torch.Tensor, targets: torch.Tensor, rule_cfg: BPTTRule | EPRule,
                   controller: JacregController | None = None,
                   ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """``models.eqt.model.gradients`` on the fast path (same stats keys)."""
@@ -714,7 +691,7 @@ class FastEQ:
         shape = tuple(idx.shape)
         self._inputs(idx, targets)
         zero_task = False
-        if isinstance(rule_cfg, BPTTConfig):
+        if isinstance(rule_cfg, BPTTRule):
             self._bptt_graph(shape)()
             res = float(self._out["res"])
             finite = bool(torch.isfinite(self._out["z"]).all())
@@ -731,11 +708,11 @@ class FastEQ:
             if gate_shut:
                 zero_task = True
             else:
-                self._ep_graph(shape, rule_cfg)()
+                self._ep_graph(shape, rule_cfg.nudge)()
                 loss = float(self._out["loss"])
                 stats.update({"loss": loss, "term/ce": loss, "t2": float(self._out["t2"]),
                               "a_norm": float(self._out["a"].norm())})
-                if rule_cfg.adaptive_t2:
+                if rule_cfg.nudge.adaptive_t2:
                     stats["a_increment"] = float(self._out["a_inc"])
             stats["gate_skipped"] = float(gate_shut)
         task = {n: torch.zeros_like(p) if zero_task else self._out[f"task/{n}"]

@@ -16,27 +16,16 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.func import jvp
 
+from models.config.eqt import StabiliserConfig
 from models.eqt.relax import RelaxResult
 
 if TYPE_CHECKING:
     from models.eqt.model import EquilibriumLM
-
-
-@dataclass(frozen=True)
-class StabiliserConfig:
-    """jacreg: lambda used when no controller is passed (0 = off); resreg: weight of R (0 = off);
-    gate: residual above which the task gradient is skipped (None = no gate). The log runs
-    resreg with the gate off so the penalty is not bypassed when res is high."""
-
-    jacreg: float = 0.0
-    resreg: float = 0.0
-    gate: float | None = None
 
 
 class JacregController:
@@ -57,6 +46,10 @@ class JacregController:
         self.ema, self.power = ema, power
         self.lam = min(max(lam, floor), lam_max)
         self.res_ema: float | None = None
+
+    @classmethod
+    def from_config(cls, cfg: StabiliserConfig) -> JacregController:
+        return cls(cfg.lam, cfg.floor, cfg.lam_max, cfg.target, cfg.ema, cfg.power)
 
     def update(self, residual: float) -> float:
         if not math.isfinite(residual):

@@ -16,15 +16,16 @@ import torch
 import torch.nn.functional as F
 
 from models import io
-from models.config import BPTTRule, EPRule, LMModelConfig, Params, TrainConfig
+from models.config import Params, TrainConfig
+from models.config.eqt import BPRule, EPRule, EqRule, LMModelConfig, LMStudyConfig, RelaxConfig
 from models.data.tokens import TokenStream, load_codec, read_tokens
 from models.eqt import bptt as eqt_bptt
 from models.eqt import diagnostics as eqt_diag
 from models.eqt import ep as eqt_ep
 from models.eqt.calibration import calibrate as calibrate_relax
-from models.eqt.model import EqShape, EquilibriumLM, RuleConfig, gradients
-from models.eqt.relax import RelaxConfig
-from models.eqt.stabilisers import JacregController, StabiliserConfig
+from models.eqt.fast import FastEQ
+from models.eqt.model import EqShape, EquilibriumLM, gradients
+from models.eqt.stabilisers import JacregController
 from models.nets.transformer import TransformerLM, TransformerShape
 from models.pipeline import RunSpec, tokens_dir
 from models.training import rng
@@ -119,20 +120,6 @@ def _param_stats(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> dic
     return out
 
 
-EqRule = BPTTRule | EPRule
-
-
-def eq_rule_config(rule: EqRule) -> RuleConfig:
-    """The models.eqt rule config of a ``bptt`` / ``ep`` row (params -> library dataclasses)."""
-    stab = StabiliserConfig(jacreg=rule.stab.jacreg, resreg=rule.stab.resreg, gate=rule.stab.gate)
-    if isinstance(rule, BPTTRule):
-        return eqt_bptt.BPTTConfig(stab=stab)
-    n = rule.nudge
-    return eqt_ep.EPConfig(beta=n.beta, t2=n.t2, aep=n.aep, holomorphic_n=n.holomorphic_n,
-                           holomorphic_r=n.holomorphic_r, adaptive_t2=n.adaptive_t2,
-                           t2_max=n.t2_max, snapshot_every=n.snapshot_every, stab=stab)
-
-
 def eq_model(model_cfg: LMModelConfig, rule: EqRule, relax: RelaxConfig) -> EquilibriumLM:
     if model_cfg.n_layer != 1:
         raise ValueError(f"the equilibrium LM has one block; set model.n_layer=1 for row kind "
@@ -157,7 +144,6 @@ class EquilibriumTrainer:
         self.device = device
         self.cfg = train_cfg
         self.rule = rule
-        self.rule_cfg = eq_rule_config(rule)
         self.model = eq_model(model_cfg, rule, relax).to(device)
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
@@ -165,14 +151,22 @@ class EquilibriumTrainer:
             [{"params": decay, "weight_decay": train_cfg.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}], lr=train_cfg.lr, betas=(0.9, 0.95))
         self.ema = EMA(self.model, train_cfg.ema_decay)
-        st = rule.stab
-        self.controller = JacregController(st.lam, st.floor, st.lam_max, st.target, st.ema,
-                                           st.power) if st.controller else None
+        self.controller = JacregController.from_config(rule.stab) if rule.stab.controller else None
         self.stream = TokenStream(read_tokens(tokens_dir() / "train.bin"), model_cfg.block_size,
                                   train_cfg.batch_size, seed)
         self.val = read_tokens(tokens_dir() / "val.bin")
         self._last: dict[str, float] = {}
         self._last_x: torch.Tensor | None = None
+        # The fast GPU step (models.eqt.fast) when asked for and available; the eval model (the
+        # EMA copy) gets its own engine, its graphs read the EMA weights in place.
+        self.fast: FastEQ | None = None
+        self.fast_eval: FastEQ | None = None
+        if (rule.fast.enabled and device.type == "cuda" and FastEQ.supports(rule)
+                and rule.block.kind == "thick"):
+            self.fast = FastEQ(self.model, rule.fast)
+            averaged = self.ema.averaged(self.model)
+            self.fast_eval = (self.fast if averaged is self.model
+                              else FastEQ(averaged, rule.fast))  # type: ignore[arg-type]
 
     @property
     def cos_every(self) -> int:
@@ -185,7 +179,10 @@ class EquilibriumTrainer:
         out: dict[str, float] = {}
         if self.cos_every and (step + 1) % self.cos_every == 0:
             out.update(self.task_cosines(x, y))
-        grads, stats = gradients(self.model, x, y, self.rule_cfg, self.controller)
+        if self.fast is not None:
+            grads, stats = self.fast.gradients(x, y, self.rule, self.controller)
+        else:
+            grads, stats = gradients(self.model, x, y, self.rule, self.controller)
         for name, p in self.model.named_parameters():
             p.grad = grads[name]
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
@@ -206,7 +203,9 @@ class EquilibriumTrainer:
     def task_cosines(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """cos(g_rule, g_BPTT) per group and global on one batch: task gradients only (no
         stabilisers), at the current weights."""
-        g, _ = eqt_ep.ep_gradients(self.model, x, y, self.rule_cfg)  # type: ignore[arg-type]
+        if not isinstance(self.rule, EPRule):
+            raise TypeError(f"task cosines need an EP row, not {self.rule.kind!r}")
+        g, _ = eqt_ep.ep_gradients(self.model, x, y, self.rule.nudge)
         g_ref, _, _ = eqt_bptt.bptt_gradients(self.model, x, y)
         return eqt_diag.grad_cosines(g, g_ref)
 
@@ -217,7 +216,8 @@ class EquilibriumTrainer:
         if self._last_x is not None:
             with torch.no_grad():
                 x_in = self.model.x_in(self._last_x)
-                z = self.model.free_phase(self._last_x).z
+                z = (self.fast.free_phase(self._last_x) if self.fast is not None
+                     else self.model.free_phase(self._last_x)).z
             out["act/x_in"] = x_in.pow(2).mean().sqrt().item()
             out["act/z_star"] = z.pow(2).mean().sqrt().item()
         return out
@@ -230,8 +230,9 @@ class EquilibriumTrainer:
     def val_loss(self, batches: int, seed: int = EVAL_SEED) -> float:
         """Held-out CE through the free phase, on the same windows as the BP row."""
         model = self.ema.averaged(self.model)
+        loss = model.loss if self.fast_eval is None else self.fast_eval.loss
         stream = TokenStream(self.val, model.shape.block_size, self.cfg.batch_size, seed)
-        return float(np.mean([float(model.loss(*stream.next_batch(self.device)))
+        return float(np.mean([float(loss(*stream.next_batch(self.device)))
                               for _ in range(batches)]))
 
     def state_dict(self) -> dict[str, Any]:
@@ -270,10 +271,10 @@ class EqtLMStudy:
 
     def build_trainer(self, params: Params, spec: RunSpec, calibration: dict[str, Any],
                       device: torch.device) -> BPTransformerTrainer | EquilibriumTrainer:
-        study = params.study(spec.study)
+        study = params.study_as(spec.study, LMStudyConfig)
         rule = study.rules[spec.row]
         model_cfg, train_cfg = study.row_model(spec.row), study.row_train(spec.row)
-        if isinstance(rule, BPTTRule | EPRule):
+        if not isinstance(rule, BPRule):
             return EquilibriumTrainer(model_cfg, train_cfg, rule,
                                       RelaxConfig(**calibration["relax"]), spec.seed, device)
         return BPTransformerTrainer(model_cfg, train_cfg, spec.seed, device)
@@ -282,9 +283,9 @@ class EqtLMStudy:
         """BP: initial loss vs ln V, activation RMS, a short LR probe. Equilibrium rows: the
         free phase's eps/T1 (``models.eqt.calibration``; eps halved until the relaxation
         converges at init) and the initial loss vs ln V."""
-        study = params.study(self.name)
+        study = params.study_as(self.name, LMStudyConfig)
         rule = study.rules[row]
-        if isinstance(rule, BPTTRule | EPRule):
+        if not isinstance(rule, BPRule):
             return self._calibrate_eq(study.row_model(row), study.row_train(row), rule, device)
         train_cfg = study.row_train(row)
         trainer = BPTransformerTrainer(study.row_model(row), train_cfg, seed=0, device=device)
@@ -309,10 +310,7 @@ class EqtLMStudy:
 
     def _calibrate_eq(self, model_cfg: LMModelConfig, train_cfg: TrainConfig, rule: EqRule,
                       device: torch.device) -> dict[str, Any]:
-        r = rule.relax
-        relax = RelaxConfig(eps=r.eps, t1=r.t1, t1max=r.t1max, res_target=r.res_target,
-                            chunk=r.chunk)
-        trainer = EquilibriumTrainer(model_cfg, train_cfg, rule, relax, seed=0, device=device)
+        trainer = EquilibriumTrainer(model_cfg, train_cfg, rule, rule.relax, seed=0, device=device)
         # 8 windows per batch: enough to see divergence, cheap for the abscissa's power iteration
         batches = [trainer.stream.next_batch(device)[0][:8] for _ in range(3)]
         result = calibrate_relax(trainer.model, batches, search=True)
@@ -371,7 +369,7 @@ def _diagnose_eq(trainer: EquilibriumTrainer, device: torch.device, result: dict
     for x, y in batches:
         g_ref, _, _ = eqt_bptt.bptt_gradients(model, x, y)
         if isinstance(trainer.rule, EPRule):
-            g, _ = eqt_ep.ep_gradients(model, x, y, trainer.rule_cfg)  # type: ignore[arg-type]
+            g, _ = eqt_ep.ep_gradients(model, x, y, trainer.rule.nudge)
         else:
             g = g_ref
         cos_rows.append(eqt_diag.grad_cosines(g, g_ref))
@@ -381,7 +379,7 @@ def _diagnose_eq(trainer: EquilibriumTrainer, device: torch.device, result: dict
     free = model.free_phase(batches[0][0])
     x0, y0 = batches[0]
     # 8 rows keep the abscissa's power iteration cheap
-    finger = eqt_diag.fingerprint(model, x0[:8], y0[:8], trainer.rule_cfg, batches[1:])
+    finger = eqt_diag.fingerprint(model, x0[:8], y0[:8], trainer.rule, batches[1:])
     result["metrics"].update({
         "cos_bptt": cos["cos/global"], "norm_ratio": cos["norm_ratio"],
         "self_coherence": float(np.mean(coherence)), "residual": free.residual,

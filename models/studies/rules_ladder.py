@@ -12,6 +12,7 @@ import pandas as pd
 import torch
 
 from models.config import Params
+from models.config.ff import RulesLadderConfig
 from models.ff.mlp import DeepMLP
 from models.ff.tasks.ladder import make_ladder, student_config
 from models.pipeline import RunSpec
@@ -66,7 +67,7 @@ class RulesLadderStudy:
 
     def _cells(self, params: Params, row: str, seed: int,
                device: torch.device) -> dict[str, tuple[Any, DeepMLP, ff.Data]]:
-        cfg = params.study(self.name)
+        cfg = params.study_as(self.name, RulesLadderConfig)
         t, d = cfg.task, cfg.row_model(row).d
         out = {}
         for i, a in enumerate(t.alphas):
@@ -80,7 +81,7 @@ class RulesLadderStudy:
         return out
 
     def calibrate(self, params: Params, row: str, device: torch.device) -> dict[str, Any]:
-        cfg = params.study(self.name)
+        cfg = params.study_as(self.name, RulesLadderConfig)
         out = {}
         for name, (rule_cfg, net, data) in self._cells(params, row, 0, device).items():
             rule = ff.build_rule(rule_cfg, net, 0, cfg.row_epochs(row))
@@ -90,7 +91,7 @@ class RulesLadderStudy:
 
     def build_trainer(self, params: Params, spec: RunSpec, calibration: dict[str, Any],
                       device: torch.device) -> LadderTrainer:
-        cfg = params.study(self.name)
+        cfg = params.study_as(self.name, RulesLadderConfig)
         train_cfg, epochs = cfg.row_train(spec.row), cfg.row_epochs(spec.row)
         return LadderTrainer({
             name: ff.make_trainer(rule_cfg, net, data, train_cfg, spec.seed, epochs,

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from models.config import Params
+from models.config.ff import RulesLQConfig
 from models.ff import metrics
 from models.ff.mlp import DeepMLP
 from models.ff.tasks.lq import exact_costate, lq_config, make_lq
@@ -27,7 +28,7 @@ class RulesLQStudy:
 
     def _setup(self, params: Params, row: str, seed: int,
                device: torch.device) -> tuple[Any, DeepMLP, ff.Data]:
-        cfg = params.study(self.name)
+        cfg = params.study_as(self.name, RulesLQConfig)
         t, m = cfg.task, cfg.row_model(row)
         split = make_lq(t.d_in, t.d_out, n_train=t.n_train, n_test=t.n_test, noise=t.noise,
                         seed=seed)
@@ -36,7 +37,7 @@ class RulesLQStudy:
         return cfg.rules[row], net, ff.split_val(split, t.val_fraction).to(device)
 
     def calibrate(self, params: Params, row: str, device: torch.device) -> dict[str, Any]:
-        cfg = params.study(self.name)
+        cfg = params.study_as(self.name, RulesLQConfig)
         rule_cfg, net, data = self._setup(params, row, 0, device)
         rule = ff.build_rule(rule_cfg, net, 0, cfg.row_epochs(row))
         return ff.calibrate_rule(rule_cfg, rule, data.x_fit[:ff.CAL_BATCH],
@@ -44,7 +45,7 @@ class RulesLQStudy:
 
     def build_trainer(self, params: Params, spec: RunSpec, calibration: dict[str, Any],
                       device: torch.device) -> ff.FFTrainer:
-        cfg = params.study(self.name)
+        cfg = params.study_as(self.name, RulesLQConfig)
         rule_cfg, net, data = self._setup(params, spec.row, spec.seed, device)
         return ff.make_trainer(rule_cfg, net, data, cfg.row_train(spec.row), spec.seed,
                                cfg.row_epochs(spec.row), calibration)

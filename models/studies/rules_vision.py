@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from models.config import Params
-from models.config_ff import RulesVisionConfig
+from models.config.ff import RulesVisionConfig
 from models.ff.energy import EnergyMLP
 from models.ff.mlp import DeepMLP
 from models.ff.tasks import Split
@@ -44,7 +44,7 @@ class RulesVisionStudy:
 
     def _setup(self, params: Params, row: str, seed: int,
                device: torch.device) -> tuple[Any, torch.nn.Module, ff.Data]:
-        cfg: RulesVisionConfig = params.study(self.name)
+        cfg = params.study_as(self.name, RulesVisionConfig)
         rule_cfg, model = cfg.rules[row], cfg.row_model(row)
         data = ff.split_val(load_split(cfg), cfg.task.val_fraction).to(device)
         d_in, d_out = data.x_fit.shape[1], int(data.y_fit.max()) + 1
@@ -56,7 +56,7 @@ class RulesVisionStudy:
         return rule_cfg, net, data
 
     def calibrate(self, params: Params, row: str, device: torch.device) -> dict[str, Any]:
-        cfg = params.study(self.name)
+        cfg = params.study_as(self.name, RulesVisionConfig)
         rule_cfg, net, data = self._setup(params, row, 0, device)
         rule = ff.build_rule(rule_cfg, net, 0, cfg.row_epochs(row))
         return ff.calibrate_rule(rule_cfg, rule, data.x_fit[:ff.CAL_BATCH],
@@ -64,7 +64,7 @@ class RulesVisionStudy:
 
     def build_trainer(self, params: Params, spec: RunSpec, calibration: dict[str, Any],
                       device: torch.device) -> ff.FFTrainer:
-        cfg = params.study(self.name)
+        cfg = params.study_as(self.name, RulesVisionConfig)
         rule_cfg, net, data = self._setup(params, spec.row, spec.seed, device)
         return ff.make_trainer(rule_cfg, net, data, cfg.row_train(spec.row), spec.seed,
                                cfg.row_epochs(spec.row), calibration)
