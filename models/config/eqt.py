@@ -87,7 +87,10 @@ class NudgeConfig(Strict):
     points on the circle of radius ``holomorphic_r`` (N = 2 is the real centered contrast at
     beta = r, the recipe's ``--holo 2 --hr 0.02``); AEP correction none | fixed | tracking.
     ``adaptive_t2`` runs to ``t2_max`` and keeps the snapshot (taken every ``snapshot_every``
-    steps) with the smallest increment of a (``--t2sel``)."""
+    steps) with the smallest increment of a (``--t2sel``). ``nudge_scale``: ``token`` (default)
+    nudges every token's own loss with beta (the summed loss), ``mean`` the batch-mean loss,
+    whose per-element nudge ~beta/(B T) falls below fp32 resolution of z at the log's shape
+    (``models.eqt.ep``)."""
 
     beta: Annotated[float, Field(gt=0)] = 0.02
     t2: Annotated[int, Field(ge=1)] = 20
@@ -97,6 +100,7 @@ class NudgeConfig(Strict):
     adaptive_t2: bool = False
     t2_max: Annotated[int, Field(ge=1)] = 80
     snapshot_every: Annotated[int, Field(ge=1)] = 4
+    nudge_scale: Literal["token", "mean"] = "token"
 
     @model_validator(mode="after")
     def _holo(self) -> NudgeConfig:
@@ -106,6 +110,23 @@ class NudgeConfig(Strict):
             raise ValueError(f"adaptive_t2 needs t2_max >= 2 * snapshot_every (got t2_max="
                              f"{self.t2_max}, snapshot_every={self.snapshot_every})")
         return self
+
+
+class FastConfig(Strict):
+    """The fast GPU step of ``models.eqt.fast`` (CUDA graphs + torch.compile). ``enabled`` has
+    no effect without CUDA (the eager rules run), so CPU results never depend on it. ``bf16``:
+    autocast where the estimator tolerates it; ``tf32``: TF32 matmuls outside the nudged forces;
+    ``nudge``: tracking-AEP in ``differential`` (common/differential-mode, one vjp per step) or
+    ``lockstep`` form (the eager loop, captured); ``bptt_attention``: fused (``sdpa``) or
+    explicit-softmax attention in BPTT's backward steps."""
+
+    enabled: bool = False
+    graphs: bool = True
+    compile: bool = True
+    bf16: bool = False
+    tf32: bool = True
+    nudge: Literal["differential", "lockstep"] = "differential"
+    bptt_attention: Literal["sdpa", "materialized"] = "sdpa"
 
 
 class BPRule(Strict):
@@ -124,6 +145,7 @@ class _EqRuleBase(Strict):
     block: EqBlockConfig = EqBlockConfig()
     relax: RelaxConfig = RelaxConfig()
     stab: StabiliserConfig = StabiliserConfig()
+    fast: FastConfig = FastConfig()
 
 
 class BPTTRule(_EqRuleBase):
@@ -139,6 +161,7 @@ class EPRule(_EqRuleBase):
 
     kind: Literal["ep"] = "ep"
     nudge: NudgeConfig = NudgeConfig()
+    fast: FastConfig = FastConfig()
     cos_every: Annotated[int, Field(ge=0)] = 0
 
 

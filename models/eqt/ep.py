@@ -103,7 +103,9 @@ def nudged_contrast(model: EquilibriumLM, idx: torch.Tensor, targets: torch.Tens
     z = star_k.to(betas.dtype)
     interaction = model.block.interaction
     # ce_grad_z averages over the rows it is given; each phase must see l of its own B rows.
-    scale = float(k)
+    # "token": beta nudges every token's own loss (the sum), see the module docstring.
+    per_token = float(targets.numel()) if cfg.nudge_scale == "token" else 1.0
+    scale = float(k) * per_token
     steps = cfg.t2_max if cfg.adaptive_t2 else cfg.t2
     best_a, best_inc, best_t, prev_a = None, math.inf, steps, None
     for t in range(1, steps + 1):
@@ -118,12 +120,13 @@ def nudged_contrast(model: EquilibriumLM, idx: torch.Tensor, targets: torch.Tens
         if cfg.adaptive_t2 and t % cfg.snapshot_every == 0:
             a = _contrast(z, z_star, weights, r, k)
             if prev_a is not None and torch.isfinite(a).all():
-                inc = float((a - prev_a).norm())
+                inc = float((a - prev_a).norm()) / per_token
                 if inc < best_inc:
                     best_a, best_inc, best_t = a, inc, t
             prev_a = a
     if best_a is None:
         best_a = _contrast(z, z_star, weights, r, k)
+    best_a = best_a / per_token
     stats = {"t2": float(best_t), "a_norm": float(best_a.norm())}
     if cfg.adaptive_t2:
         stats["a_increment"] = best_inc

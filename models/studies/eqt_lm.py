@@ -17,12 +17,22 @@ import torch.nn.functional as F
 
 from models import io
 from models.config import Params, TrainConfig
-from models.config.eqt import BPRule, EPRule, EqRule, LMModelConfig, LMStudyConfig, RelaxConfig
+from models.config.eqt import (
+    BPRule,
+    BPTTRule,
+    EPRule,
+    EqRule,
+    LMModelConfig,
+    LMStudyConfig,
+    RelaxConfig,
+    StabiliserConfig,
+)
 from models.data.tokens import TokenStream, load_codec, read_tokens
 from models.eqt import bptt as eqt_bptt
 from models.eqt import diagnostics as eqt_diag
 from models.eqt import ep as eqt_ep
 from models.eqt.calibration import calibrate as calibrate_relax
+from models.eqt.fast import FastEQ
 from models.eqt.model import EqShape, EquilibriumLM, gradients
 from models.eqt.stabilisers import JacregController
 from models.nets.transformer import TransformerLM, TransformerShape
@@ -157,6 +167,16 @@ class EquilibriumTrainer:
         self.val = read_tokens(tokens_dir() / "val.bin")
         self._last: dict[str, float] = {}
         self._last_x: torch.Tensor | None = None
+        # The fast GPU step (models.eqt.fast) when asked for and available; the eval model (the
+        # EMA copy) gets its own engine, its graphs read the EMA weights in place.
+        self.fast: FastEQ | None = None
+        self.fast_eval: FastEQ | None = None
+        if (rule.fast.enabled and device.type == "cuda" and FastEQ.supports(rule)
+                and rule.block.kind == "thick"):
+            self.fast = FastEQ(self.model, rule.fast)
+            averaged = self.ema.averaged(self.model)
+            self.fast_eval = (self.fast if averaged is self.model
+                              else FastEQ(averaged, rule.fast))  # type: ignore[arg-type]
 
     @property
     def cos_every(self) -> int:
@@ -169,7 +189,10 @@ class EquilibriumTrainer:
         out: dict[str, float] = {}
         if self.cos_every and (step + 1) % self.cos_every == 0:
             out.update(self.task_cosines(x, y))
-        grads, stats = gradients(self.model, x, y, self.rule, self.controller)
+        if self.fast is not None:
+            grads, stats = self.fast.gradients(x, y, self.rule, self.controller)
+        else:
+            grads, stats = gradients(self.model, x, y, self.rule, self.controller)
         for name, p in self.model.named_parameters():
             p.grad = grads[name]
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
@@ -195,6 +218,14 @@ class EquilibriumTrainer:
         stabilisers), at the current weights."""
         if not isinstance(self.rule, EPRule):
             raise TypeError(f"task cosines need an EP row, not {self.rule.kind!r}")
+        if self.fast is not None:
+            # The training step's own estimator against the exact unroll gradient, both on the
+            # fast path (the eager BPTT needs ~28 GB at the log's shape).
+            plain = StabiliserConfig(controller=False)
+            g, _ = self.fast.gradients(x, y, EPRule(nudge=self.rule.nudge, stab=plain))
+            g = {n: t.clone() for n, t in g.items()}
+            g_ref, _ = self.fast.gradients(x, y, BPTTRule(stab=plain))
+            return eqt_diag.grad_cosines(g, g_ref)
         g, _ = eqt_ep.ep_gradients(self.model, x, y, self.rule.nudge)
         g_ref, _, _ = eqt_bptt.bptt_gradients(self.model, x, y)
         return eqt_diag.grad_cosines(g, g_ref)
@@ -206,7 +237,8 @@ class EquilibriumTrainer:
         if self._last_x is not None:
             with torch.no_grad():
                 x_in = self.model.x_in(self._last_x)
-                z = self.model.free_phase(self._last_x).z
+                z = (self.fast.free_phase(self._last_x) if self.fast is not None
+                     else self.model.free_phase(self._last_x)).z
             out["act/x_in"] = x_in.pow(2).mean().sqrt().item()
             out["act/z_star"] = z.pow(2).mean().sqrt().item()
         return out
@@ -219,8 +251,9 @@ class EquilibriumTrainer:
     def val_loss(self, batches: int, seed: int = EVAL_SEED) -> float:
         """Held-out CE through the free phase, on the same windows as the BP row."""
         model = self.ema.averaged(self.model)
+        loss = model.loss if self.fast_eval is None else self.fast_eval.loss
         stream = TokenStream(self.val, model.shape.block_size, self.cfg.batch_size, seed)
-        return float(np.mean([float(model.loss(*stream.next_batch(self.device)))
+        return float(np.mean([float(loss(*stream.next_batch(self.device)))
                               for _ in range(batches)]))
 
     def state_dict(self) -> dict[str, Any]:
@@ -241,10 +274,13 @@ def _param_stats_from(model: torch.nn.Module, before: dict[str, torch.Tensor],
                       grads: dict[str, torch.Tensor]) -> dict[str, float]:
     """``grad/<name>`` (the rule's gradient incl. stabilisers, before clipping) and
     ``update/<name>``."""
-    out = {f"grad/{n}": g.norm().item() for n, g in grads.items()}
-    out.update({f"update/{n}": (p.detach() - before[n]).norm().item()
-                for n, p in model.named_parameters()})
-    return out
+    names = list(grads)
+    params = dict(model.named_parameters())
+    norms = torch.stack([grads[n].norm() for n in names]
+                        + [(params[n].detach() - before[n]).norm() for n in names]).tolist()
+    out = {f"grad/{n}": v for n, v in zip(names, norms[:len(names)], strict=True)}
+    out.update({f"update/{n}": v for n, v in zip(names, norms[len(names):], strict=True)})
+    return out  # one host sync for all norms (a GPU step is ~60 ms; 40 syncs cost several)
 
 
 class EqtLMStudy:
