@@ -18,7 +18,8 @@ import torch
 from models.ff.rules.dfa import DFA
 
 TRAIN = {"batch_size": 100, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 10, "weight_decay": 0.0,
-         "grad_clip": 1.0, "log_every": 6, "eval_every": 36, "eval_batches": 1}
+         "grad_clip": 1.0, "log_every": 6, "eval_every": 36, "eval_batches": 1,
+         "live_guard": True}  # no run here has a fatal finding, so the guard must not stop any
 
 
 @pytest.fixture(scope="module")
