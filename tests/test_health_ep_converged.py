@@ -1,6 +1,7 @@
 """False positives on eqt_lm: every detector is silent (nothing of warning or worse) on a
 converged EP run trained and diagnosed by the pipeline's own stages at a CPU-sized config on the
-generated story corpus (the BPTT control and the BP baseline: test_health_lm_baselines.py)."""
+generated story corpus (the BPTT control and the BP baseline: test_health_lm_baselines.py). The
+live guard is on during training and must not stop it."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def lm_params(row: str, steps: int, lr: float) -> dict[str, Any]:
         "rows": [row], "model": {"n_embd": 16, "n_head": 2, "n_layer": 1, "block_size": 16},
         "train": {"batch_size": 8, "steps": steps, "segment_steps": steps // 2, "lr": lr,
                   "min_lr": lr / 10, "warmup_steps": 10, "decay_steps": steps, "log_every": 5,
-                  "eval_every": steps // 4, "eval_batches": 2},
+                  "eval_every": steps // 4, "eval_batches": 2, "live_guard": True},
         "rules": {row: RULES[row]}}}, threads=1)
 
 

@@ -103,3 +103,16 @@ def test_group_self_coherence_needs_a_coherent_reference() -> None:
     # tracks BPTT per batch (cos 0.83): a few noisy batch pairs, look at it
     (g,) = group_self_coherence({"attn.o": -0.12}, {"attn.o": 0.46}, {"cos/attn.o": 0.83})
     assert g.severity == Severity.WARNING
+
+
+def test_report_health_summary_lists_rows_worst_first() -> None:
+    from models.report.findings import health_summary
+
+    findings = [{"severity": "error", "run": "s/b/seed0", "detector": "learns_nothing"},
+                {"severity": "fatal", "run": "s/a/seed1", "detector": "worse_than_chance"},
+                {"severity": "error", "run": "s/a/seed0", "detector": "divergence"},
+                {"severity": "warning", "run": "s/c/seed0", "detector": "limit_cycle"}]
+    lines = [line for line in health_summary(findings) if line.startswith("- ")]
+    assert lines == ["- **fatal** ✖ `s/a`: worse_than_chance, divergence",
+                     "- **error** ⚠ `s/b`: learns_nothing"]
+    assert "no run" in health_summary(findings[3:])[0]

@@ -20,6 +20,11 @@ log (one row per logged step, CONVENTIONS prefixes); ``extras`` holds diagnostic
 
 ``calibration_extras`` turns what calibration recorded (``calibration.json["health"]``) into
 these keys. Detectors on the trace alone: runaway_norms, divergence, settling_at_cap.
+
+Severities: fatal = the run's numbers are meaningless (NaN, a frozen or far-above-chance
+explosion, norms up 1000x; the live guard stops on these); error = the row's result is suspect
+(it learned nothing, diverged, an estimator points uphill, a loop never settles); warning = look
+at it; info = context.
 """
 
 from __future__ import annotations

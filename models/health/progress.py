@@ -144,7 +144,7 @@ def learns_nothing(metrics: Mapping[str, Any], baselines: Sequence[Baseline | Ma
     is an error only when the row is worse by more than that margin (the rule's hidden credit
     actively destroys what the head alone achieves).
     """
-    out = []
+    failed: dict[str, list[tuple[Baseline, float, float, bool]]] = {}
     for raw in baselines:
         b = raw if isinstance(raw, Baseline) else Baseline.from_dict(raw)
         value = metrics.get(b.metric)
@@ -152,17 +152,24 @@ def learns_nothing(metrics: Mapping[str, Any], baselines: Sequence[Baseline | Ma
             continue
         sign = 1.0 if b.higher_is_better else -1.0
         gain = sign * (float(value) - b.value)  # > 0: better than the baseline
-        margin = z * b.se
-        worse = gain < -margin
-        if gain > margin or (not b.must_beat and not worse):
+        worse = gain < -z * b.se
+        if gain > z * b.se or (not b.must_beat and not worse):
             continue
-        rel = "worse than" if worse else "no better than"
+        failed.setdefault(b.metric, []).append((b, float(value), gain, worse))
+    out = []
+    for metric, hits in failed.items():
+        value = hits[0][1]
+        parts = [f"{'worse than' if worse else 'no better than'} the {b.name} baseline "
+                 f"{b.value:.4g} ± {b.se:.2g} ({b.what or b.name}; difference "
+                 f"{gain * (1 if b.higher_is_better else -1):+.4g}, {z:g} SE = {z * b.se:.2g})"
+                 for b, _, gain, worse in hits]
+        worst = min(hits, key=lambda h: h[2])
         out.append(Finding(
             detector="learns_nothing", severity=Severity.ERROR,
-            message=(f"held-out {b.metric} {value:.4g} is {rel} the {b.name} baseline "
-                     f"{b.value:.4g} ± {b.se:.2g} (SE)" + (f", {b.what}" if b.what else "")
-                     + f"; difference {gain * sign:+.4g}, {z:g} SE = {margin:.2g}"),
-            where=f"diagnostics metric {b.metric} vs calibration baseline {b.name}; the rule's "
-                  "hidden-layer credit (is it reaching the hidden layers, with the right sign?)",
-            evidence={"value": float(value), "baseline": b.value, "se": b.se, "gain": gain}))
+            message=f"held-out {metric} {value:.4g} is " + "; ".join(parts),
+            where=f"diagnostics metric {metric} vs calibration baselines "
+                  f"{', '.join(h[0].name for h in hits)}; whether the rule's credit reaches the "
+                  "hidden layers with the right sign and scale",
+            evidence={"value": value, "baseline": worst[0].value, "se": worst[0].se,
+                      "gain": worst[2], "baselines": float(len(hits))}))
     return out

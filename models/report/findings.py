@@ -64,6 +64,7 @@ def build_report(params: Params, runs: list[RunSpec], out_dir: Path = REPORTS) -
         f"- generated: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- seeds: {params.seeds}; device: {params.device}",
         "",
+        *health_summary([f for d in diagnostics.values() for f in d.get("health", [])]),
     ]
     if stale:
         header += ["**Stale results:** these runs' diagnostics were made by other code, params or "
@@ -177,6 +178,24 @@ def worst_first_dicts(findings: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Findings (as stored in diagnostics.json) by severity, worst first; then by run, so one
     run's findings of a severity stay together."""
     return sorted(findings, key=lambda f: (-SEVERITY_ORDER.index(f["severity"]), f["run"]))
+
+
+def health_summary(findings: list[dict[str, Any]]) -> list[str]:
+    """Report-level list of the rows whose runs raised fatal or error findings, worst first
+    (one line per study/row: its worst severity and which detectors fired)."""
+    rows: dict[str, dict[str, Any]] = {}
+    for f in worst_first_dicts(findings):
+        if f["severity"] not in MARKS:
+            continue
+        study, row = f["run"].split("/")[:2]
+        entry = rows.setdefault(f"{study}/{row}", {"severity": f["severity"], "detectors": []})
+        if f["detector"] not in entry["detectors"]:
+            entry["detectors"].append(f["detector"])
+    if not rows:
+        return ["Health: no run raised a fatal or error finding.", ""]
+    return ["## Health summary (worst first; details under each study)", "",
+            *(f"- **{e['severity']}**{MARKS[e['severity']]} `{name}`: {', '.join(e['detectors'])}"
+              for name, e in rows.items()), ""]
 
 
 def row_marks(findings: list[dict[str, Any]]) -> dict[str, str]:
