@@ -60,7 +60,8 @@ def run(p: dict[str, Any], study: str, row: str, seed: int = 0) -> dict[str, Any
     for index in segments:
         train.main.__wrapped__(study=study, row=row, seed=seed, segment=index,  # type: ignore[attr-defined]
                                params=PARAMS)
-    diagnose.main.__wrapped__(study=study, row=row, seed=seed, params=PARAMS)  # type: ignore[attr-defined]
+    diagnose.main.__wrapped__(study=study, row=row, seed=seed, any_identity=False,  # type: ignore[attr-defined]
+                              params=PARAMS)
     return io.read_json(RunSpec(study, row, seed).diagnostics)
 
 

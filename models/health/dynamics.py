@@ -43,11 +43,12 @@ def residual_growth(trace: pd.DataFrame, *, max_residual: float = 1e-2, growth: 
         severity = Severity.WARNING
     else:
         return []
+    trend = (f"grew from best {best:.3g} early to {now:.3g} late ({ratio:.3g}x"
+             if ratio > 1 else f"stays at {now:.3g} late (best early {best:.3g}")
     return [Finding(
         detector="residual_growth", severity=severity,
-        message=(f"free-phase residual grew from best {best:.3g} early to {now:.3g} late "
-                 f"({ratio:.3g}x; gate-level is {max_residual:g}): the fixed point is losing "
-                 "contraction"),
+        message=(f"free-phase residual {trend}; gate-level is {max_residual:g}): the fixed point "
+                 + ("is losing contraction" if ratio > 1 else "is not reached")),
         where="trace column residual; the block's Jacobian (abscissa), jacreg/resreg strength",
         evidence={"best_early": best, "late": now, "ratio": ratio})]
 
