@@ -271,9 +271,7 @@ def ep_reference(net: EnergyMLP, x: Tensor, y: Tensor) -> tuple[dict[str, Tensor
     params = [p for ps in groups.values() for p in ps]
     with torch.enable_grad():
         for _ in range(net.cfg.free_steps):
-            e = net.energy(x, s) - sum((c * t).sum() for c, t in zip(currents, s, strict=True))
-            grads = torch.autograd.grad(e, s, create_graph=True)
-            s = [t - net.cfg.dt * g for t, g in zip(s, grads, strict=True)]
+            s = net.step(x, s, currents=currents, create_graph=True)
         loss = net.loss(net.readout(s[-1]), y)
         grads = torch.autograd.grad(loss, params + currents, allow_unused=True)
     pg = grads[:len(params)]

@@ -2,8 +2,14 @@
 
 A rule owns everything beyond the net's own weights: fixed feedback matrices, learned auxiliary
 modules (DTP inverses, bridges, value nets, PC precisions) with their internal optimizer, its RNG
-and an epoch counter. ``update`` writes the rule's weight update into ``p.grad`` of the net so
-that the pipeline's optimizer steps the net, and trains the auxiliary modules itself.
+and an epoch counter. The contract has three calls:
+
+- ``learn(x, y)``: train the rule's own estimators on a batch (no net gradients). The LQ toy calls
+  only this: the system stays fixed while the estimators learn.
+- ``grads(x, y)``: write the rule's weight update into ``p.grad`` of the net and nothing else (no
+  estimator step), so the credit metrics see the update the rule would make on held-out data.
+- ``update(x, y)``: one training step of a co-trained net, ``learn`` then ``grads`` by default;
+  the pipeline's optimizer then steps the net.
 """
 
 from __future__ import annotations
@@ -28,9 +34,17 @@ class Rule(ABC):
         self.gen = torch.Generator(device="cpu")
         self.gen.manual_seed(int(getattr(cfg, "seed", 0)))
 
+    def learn(self, x: Tensor, y: Tensor) -> dict[str, float]:
+        """Train the rule's estimators on (x, y); return their statistics. None by default."""
+        return {}
+
     @abstractmethod
+    def grads(self, x: Tensor, y: Tensor) -> dict[str, float]:
+        """Write the weight update into ``p.grad`` (no side effects otherwise); statistics."""
+
     def update(self, x: Tensor, y: Tensor) -> dict[str, float]:
-        """Write the weight update into ``p.grad``; train auxiliary modules; return statistics."""
+        """One training step's rule work: estimators first, then the weight update."""
+        return {**self.learn(x, y), **self.grads(x, y)}
 
     @abstractmethod
     def credit(self, x: Tensor, y: Tensor) -> list[Tensor]:

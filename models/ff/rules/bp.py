@@ -22,7 +22,7 @@ class BP(Rule):
         super().__init__(net, cfg or BPConfig())
         self.net: DeepMLP = net
 
-    def update(self, x: Tensor, y: Tensor) -> dict[str, float]:
+    def grads(self, x: Tensor, y: Tensor) -> dict[str, float]:
         self.net.zero_grad(set_to_none=False)
         hs = self.net.states(x)
         loss = self.net.loss(self.net.readout(hs[-1]), y)

@@ -86,7 +86,16 @@ class CreditBridge(Rule):
             return F.one_hot(y, self.net.cfg.d_out).to(self.dtype)
         return y.to(self.dtype)
 
+    def counterfactual(self, hs: list[Tensor], y: Tensor) -> tuple[list[Tensor], Tensor]:
+        """Each state twice: with its own target and with another sample's (a batch
+        permutation from the rule's RNG). V_l(h, y) is a function of the target too, and
+        fitting it at more than one y per state pins the bridge R_l down along the output
+        directions the credit needs (one y fixes only one level set of v per state)."""
+        perm = torch.randperm(len(y), generator=self.gen).to(y.device)
+        return [torch.cat([h, h]) for h in hs], torch.cat([y, y[perm]])
+
     def train_values(self, hs: list[Tensor], y: Tensor) -> dict[str, float]:
+        hs, y = self.counterfactual(hs, y)
         net, b = self.net, hs[-1].shape[0]
         with torch.no_grad():
             target = net.per_sample_loss(net.readout(hs[-1]), y)
@@ -124,14 +133,18 @@ class CreditBridge(Rule):
                 out.append(a / (a.pow(2).mean().sqrt() + 1e-6) / b)
         return out
 
-    def update(self, x: Tensor, y: Tensor) -> dict[str, float]:
+    def learn(self, x: Tensor, y: Tensor) -> dict[str, float]:
         with torch.no_grad():
             hs = self.net.states(x)
-        stats = self.train_values(hs, y)
+        return self.train_values(hs, y)
+
+    def grads(self, x: Tensor, y: Tensor) -> dict[str, float]:
+        with torch.no_grad():
+            hs = self.net.states(x)
         warm = self.in_warmup()
         cs = self.dfa.credits_from(hs, y) if warm else self.credits_from(hs, y)
         loss = apply_credit(self.net, x, hs, cs, y)
-        stats.update({"loss": float(loss), "phase/dfa_warmup": float(warm)})
+        stats = {"loss": float(loss), "phase/dfa_warmup": float(warm)}
         return {**stats, **grad_norms(self.net), **act_rms(self.net.layer_names(), hs)}
 
     def credit(self, x: Tensor, y: Tensor) -> list[Tensor]:

@@ -83,16 +83,21 @@ class DTP(Rule):
         b = hs[-1].shape[0]
         return [(h - t) / (self.cfg.eta * b) for h, t in zip(hs, taus, strict=True)]
 
-    def update(self, x: Tensor, y: Tensor) -> dict[str, float]:
+    def learn(self, x: Tensor, y: Tensor) -> dict[str, float]:
         with torch.no_grad():
             hs = self.net.states(x)
         rec = 0.0
         for _ in range(self.cfg.inverse_steps):
             rec = self.train_inverses(hs)
+        return {"term/inverse_rec": rec}
+
+    def grads(self, x: Tensor, y: Tensor) -> dict[str, float]:
+        with torch.no_grad():
+            hs = self.net.states(x)
         taus = self.targets(hs, y)
         loss = apply_credit(self.net, x, hs, self.credits_from(hs, taus), y)
         names = self.net.layer_names()
-        stats = {"loss": float(loss), "term/inverse_rec": rec}
+        stats = {"loss": float(loss)}
         for n, h, t in zip(names, hs, taus, strict=True):
             stats[f"target/{n}"] = float((t - h).norm(dim=-1).mean())
         return {**stats, **grad_norms(self.net), **act_rms(names, hs)}

@@ -44,7 +44,7 @@ class EP(Rule):
         minus, _ = n.relax(x, k, y=y, beta=-b, s0=free)
         return free, plus, minus, res
 
-    def update(self, x: Tensor, y: Tensor) -> dict[str, float]:
+    def grads(self, x: Tensor, y: Tensor) -> dict[str, float]:
         free, plus, minus, res = self.phases(x, y)
         n, bsz = self.net, x.shape[0]
         n.zero_grad(set_to_none=False)

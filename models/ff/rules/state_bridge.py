@@ -58,13 +58,17 @@ class StateBridge(Rule):
                 out.append(c)
         return [*out, g_top]
 
-    def update(self, x: Tensor, y: Tensor) -> dict[str, float]:
+    def learn(self, x: Tensor, y: Tensor) -> dict[str, float]:
         with torch.no_grad():
             hs = self.net.states(x)
-        rec = self.train_bridges(hs)
+        return {"term/state_bridge": self.train_bridges(hs)}
+
+    def grads(self, x: Tensor, y: Tensor) -> dict[str, float]:
+        with torch.no_grad():
+            hs = self.net.states(x)
         loss = apply_credit(self.net, x, hs, self.credits_from(hs, y), y)
-        stats = {"loss": float(loss), "term/state_bridge": rec}
-        return {**stats, **grad_norms(self.net), **act_rms(self.net.layer_names(), hs)}
+        return {"loss": float(loss), **grad_norms(self.net),
+                **act_rms(self.net.layer_names(), hs)}
 
     def credit(self, x: Tensor, y: Tensor) -> list[Tensor]:
         with torch.no_grad():
