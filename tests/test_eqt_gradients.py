@@ -11,9 +11,10 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from models.eqt.bptt import BPTTConfig, bptt_gradients
+from models.config.eqt import NudgeConfig
+from models.eqt.bptt import bptt_gradients
 from models.eqt.diagnostics import cosine, grad_cosines
-from models.eqt.ep import EPConfig, ep_gradients
+from models.eqt.ep import ep_gradients
 from models.eqt.implicit import implicit_gradients
 from models.eqt.model import EqShape, EquilibriumLM
 from models.eqt.relax import RelaxConfig
@@ -49,7 +50,7 @@ def test_implicit_matches_converged_bptt() -> None:
     long = EquilibriumLM(model.shape, RelaxConfig(eps=0.2, t1=int(stats["settle_iters"]) + 100,
                                                   t1max=5000)).double()
     long.load_state_dict(model.state_dict())
-    g_bptt, bstats, _ = bptt_gradients(long, idx, tgt, BPTTConfig())
+    g_bptt, bstats, _ = bptt_gradients(long, idx, tgt)
     assert bstats["residual"] < 1e-12
     assert cosine(g_imp, g_bptt) > 1 - 1e-9
     # a short, unconverged unroll is a different gradient: BPTT only equals IFT when converged
@@ -65,7 +66,7 @@ def test_ep_aep_matches_implicit_and_no_aep_does_not(seed: int) -> None:
     g_imp, _ = implicit_gradients(model, idx, tgt, free=free)
     cos = {}
     for aep in ("none", "fixed", "tracking"):
-        g, stats = ep_gradients(model, idx, tgt, EPConfig(beta=1e-3, t2=60, aep=aep), free)
+        g, stats = ep_gradients(model, idx, tgt, NudgeConfig(beta=1e-3, t2=60, aep=aep), free)
         cos[aep] = grad_cosines(g, g_imp) | {"attn": attn(g, g_imp)}
         assert stats["residual"] <= 1e-12 and stats["t2"] == 60
     for aep in ("fixed", "tracking"):
@@ -84,7 +85,7 @@ def test_ep_matches_converged_bptt() -> None:
                                                   t1max=5000)).double()
     long.load_state_dict(model.state_dict())
     g_bptt, _, _ = bptt_gradients(long, idx, tgt)
-    g_ep, _ = ep_gradients(model, idx, tgt, EPConfig(beta=1e-3, t2=60, aep="tracking"), free)
+    g_ep, _ = ep_gradients(model, idx, tgt, NudgeConfig(beta=1e-3, t2=60, aep="tracking"), free)
     assert cosine(g_ep, g_bptt) >= 0.999
 
 
@@ -98,15 +99,15 @@ def test_holomorphic_beats_real_centered_at_large_radius() -> None:
         return float(sum(d.pow(2).sum() for d in diff.values()).sqrt()
                      / sum(r.pow(2).sum() for r in g_imp.values()).sqrt())
 
-    r = 0.3
-    g_holo, _ = ep_gradients(model, idx, tgt, EPConfig(t2=150, aep="tracking", holomorphic_n=4,
+    r = 0.025  # per token (nudge_scale "token"): 0.3 on the mean loss over these B*T = 12
+    g_holo, _ = ep_gradients(model, idx, tgt, NudgeConfig(t2=150, aep="tracking", holomorphic_n=4,
                                                        holomorphic_r=r), free)
-    g_real, _ = ep_gradients(model, idx, tgt, EPConfig(t2=150, aep="tracking", beta=r), free)
+    g_real, _ = ep_gradients(model, idx, tgt, NudgeConfig(t2=150, aep="tracking", beta=r), free)
     assert cosine(g_holo, g_imp) >= 0.999
     # bias O(r^N) vs O(r^2): much smaller error at the same radius
     assert rel_err(g_holo) < 0.1 * rel_err(g_real), (rel_err(g_holo), rel_err(g_real))
     # N = 2 on the circle is exactly the real centered estimator at beta = r
-    g_n2, _ = ep_gradients(model, idx, tgt, EPConfig(t2=150, aep="tracking", holomorphic_n=2,
+    g_n2, _ = ep_gradients(model, idx, tgt, NudgeConfig(t2=150, aep="tracking", holomorphic_n=2,
                                                      holomorphic_r=r), free)
     assert cosine(g_n2, g_real) > 1 - 1e-12
 
@@ -115,10 +116,10 @@ def test_conservative_block_needs_no_aep() -> None:
     model, idx, tgt = make(0, block="conservative", init_std=0.1)
     free = model.free_phase(idx)
     g_imp, _ = implicit_gradients(model, idx, tgt, free=free)
-    g_ep, _ = ep_gradients(model, idx, tgt, EPConfig(beta=1e-3, t2=60, aep="none"), free)
+    g_ep, _ = ep_gradients(model, idx, tgt, NudgeConfig(beta=1e-3, t2=60, aep="none"), free)
     assert cosine(g_ep, g_imp) >= 0.999
     # and the symmetric Jacobian really is symmetric: the AEP correction changes nothing
-    g_fix, _ = ep_gradients(model, idx, tgt, EPConfig(beta=1e-3, t2=60, aep="fixed"), free)
+    g_fix, _ = ep_gradients(model, idx, tgt, NudgeConfig(beta=1e-3, t2=60, aep="fixed"), free)
     assert cosine(g_ep, g_fix) > 1 - 1e-9
 
 
@@ -126,12 +127,12 @@ def test_adaptive_t2_keeps_the_settled_snapshot() -> None:
     model, idx, tgt = make(0)
     free = model.free_phase(idx)
     g_imp, _ = implicit_gradients(model, idx, tgt, free=free)
-    cfg = EPConfig(beta=1e-3, aep="tracking", adaptive_t2=True, t2_max=80, snapshot_every=4)
+    cfg = NudgeConfig(beta=1e-3, aep="tracking", adaptive_t2=True, t2_max=80, snapshot_every=4)
     g, stats = ep_gradients(model, idx, tgt, cfg, free)
     assert 8 <= stats["t2"] <= 80 and stats["t2"] % 4 == 0
     assert cosine(g, g_imp) >= 0.999
     # a too-short fixed T2 is visibly worse than the selected snapshot
-    g_short, _ = ep_gradients(model, idx, tgt, EPConfig(beta=1e-3, t2=4, aep="tracking"), free)
+    g_short, _ = ep_gradients(model, idx, tgt, NudgeConfig(beta=1e-3, t2=4, aep="tracking"), free)
     assert cosine(g_short, g_imp) < cosine(g, g_imp)
 
 

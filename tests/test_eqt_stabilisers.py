@@ -9,14 +9,13 @@ import pytest
 import torch
 from torch.func import jvp
 
+from models.config.eqt import EPRule, NudgeConfig, StabiliserConfig
 from models.eqt.calibration import calibrate
 from models.eqt.diagnostics import fingerprint, numerical_abscissa, self_coherence
-from models.eqt.ep import EPConfig
 from models.eqt.model import EqShape, EquilibriumLM, gradients
 from models.eqt.relax import RelaxConfig
 from models.eqt.stabilisers import (
     JacregController,
-    StabiliserConfig,
     jacobian_penalty,
     residual_penalty,
 )
@@ -97,7 +96,7 @@ def test_resreg_value_and_detached_state() -> None:
 def test_gate_skips_task_gradient_but_keeps_stabiliser() -> None:
     model, idx, tgt = make(relax_cfg=RelaxConfig(eps=0.2, t1=3, t1max=3))  # far from converged
     ctl = JacregController(lam=1.0, floor=0.1, target=1e-3)
-    cfg = EPConfig(t2=5, stab=StabiliserConfig(gate=1e-3))
+    cfg = EPRule(nudge=NudgeConfig(t2=5), stab=StabiliserConfig(gate=1e-3))
     grads, stats = gradients(model, idx, tgt, cfg, controller=ctl)
     assert stats["gate_skipped"] == 1.0 and stats["residual"] > 1e-3
     assert stats["lambda"] == 1.0 and "term/jacreg" in stats
@@ -108,7 +107,7 @@ def test_gate_skips_task_gradient_but_keeps_stabiliser() -> None:
 
 def test_gradients_dispatch_stats_and_self_coherence() -> None:
     model, idx, tgt = make()
-    cfg = EPConfig(beta=1e-3, t2=30, stab=StabiliserConfig(resreg=0.2))
+    cfg = EPRule(nudge=NudgeConfig(beta=1e-3, t2=30), stab=StabiliserConfig(resreg=0.2))
     g1, stats = gradients(model, idx, tgt, cfg)
     assert {"residual", "settle_iters", "loss", "term/ce", "term/resreg", "lambda"} <= set(stats)
     assert stats["gate_skipped"] == 0.0
@@ -131,7 +130,7 @@ def test_numerical_abscissa_matches_dense_eigendecomposition() -> None:
     assert est == pytest.approx(exact, abs=1e-3)
     _, jv = jvp(lambda u: model.force(u, x_in), (z,), (torch.ones_like(z),))
     assert torch.allclose(jv.flatten(), j @ torch.ones(z.numel(), dtype=z.dtype))
-    fp = fingerprint(model, idx, tgt, EPConfig(beta=1e-3, t2=30), [(idx, tgt)])
+    fp = fingerprint(model, idx, tgt, EPRule(nudge=NudgeConfig(beta=1e-3, t2=30)), [(idx, tgt)])
     assert set(fp) == {"residual", "cos", "abscissa", "val_ce"}
     # non-normal J: a stable fixed point can have a positive abscissa (transient growth)
     assert fp["abscissa"] == pytest.approx(exact, abs=1e-2) and fp["cos"] > 0.99

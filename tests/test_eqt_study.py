@@ -47,7 +47,7 @@ def _train(segment_steps: int, run_dir: str, calibration: dict) -> tuple[dict, l
     spec = RunSpec("eqt_lm", "ep", 0)
     study = get_study("eqt_lm")
     cfg = params.study("eqt_lm").row_train("ep")
-    fp = training_fingerprint(params, spec)
+    fp = {"config": training_fingerprint(params, spec)}  # a run identity (config part only)
     rows: list[dict] = []
     root = Path(run_dir)
     for index in range(cfg.n_segments):
@@ -82,7 +82,7 @@ def test_ep_row_resume_is_bit_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 @pytest.mark.parametrize(("rule", "expected"), [
     ({"betta": 0.1}, "unknown key 'studies.eqt_lm.rules.ep.betta'; allowed here: block, "
-                     "cos_every, kind, model, nudge, relax, stab, train"),
+                     "cos_every, fast, kind, model, nudge, relax, stab, train"),
     ({"nudge": {"t22": 3}}, "unknown key 'studies.eqt_lm.rules.ep.nudge.t22'; allowed here: "
                             "adaptive_t2, aep, beta"),
     ({"stab": {"floor": 0.0}}, "studies.eqt_lm.rules.ep.stab.floor: Input should be greater than 0"),

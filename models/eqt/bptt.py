@@ -6,25 +6,17 @@ gradient only when the unroll has converged (log 003 §stab: "BPTT has no such t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
 from models.eqt.relax import RelaxResult
-from models.eqt.stabilisers import StabiliserConfig
 
 if TYPE_CHECKING:
     from models.eqt.model import EquilibriumLM
 
 
-@dataclass(frozen=True)
-class BPTTConfig:
-    stab: StabiliserConfig = field(default_factory=StabiliserConfig)
-
-
 def bptt_gradients(model: EquilibriumLM, idx: torch.Tensor, targets: torch.Tensor,
-                   cfg: BPTTConfig | None = None,
                    ) -> tuple[dict[str, torch.Tensor], dict[str, float], RelaxResult]:
     """Backprop through z <- z + eps F(z), T1 steps from x_in; returns grads, stats, the unroll."""
     with torch.enable_grad():

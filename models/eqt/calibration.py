@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -36,7 +35,7 @@ def _measure(model: EquilibriumLM, batches: Sequence[torch.Tensor],
             res.append(math.inf if exploded else out.residual)
             steps.append(out.steps)
     ok = all(r <= cfg.res_target for r in res)
-    return {"relax": asdict(cfg), "ok": ok, "residual_t1": res_t1, "residual": res,
+    return {"relax": cfg.model_dump(), "ok": ok, "residual_t1": res_t1, "residual": res,
             "steps": steps}
 
 
@@ -52,7 +51,7 @@ def calibrate(model: EquilibriumLM, batches: Sequence[torch.Tensor],
     factors = (1, 2, 4) if search else (1,)
     trials = []
     for f in factors:
-        cfg = replace(base, eps=base.eps / f, t1=base.t1 * f, t1max=base.t1max * f)
+        cfg = base.model_copy(update={"eps": base.eps / f, "t1": base.t1 * f, "t1max": base.t1max * f})
         trial = _measure(model, batches, cfg)
         trials.append(trial)
         if trial["ok"]:

@@ -98,11 +98,11 @@ def fingerprint(model: EquilibriumLM, idx: torch.Tensor, targets: torch.Tensor,
                 rule_cfg: RuleConfig,
                 val: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
     """The log's 4-number operator fingerprint: residual, cos(rule, BPTT), abscissa, val CE."""
-    from models.eqt.bptt import BPTTConfig, bptt_gradients
+    from models.eqt.bptt import bptt_gradients
     from models.eqt.model import gradients
 
     g, stats = gradients(model, idx, targets, rule_cfg)
-    g_ref, _, _ = bptt_gradients(model, idx, targets, BPTTConfig())
+    g_ref, _, _ = bptt_gradients(model, idx, targets)
     ces = [float(model.loss(x, y)) for x, y in val]
     return {"residual": stats["residual"], "cos": cosine(g, g_ref),
             "abscissa": numerical_abscissa(model, idx), "val_ce": sum(ces) / len(ces)}

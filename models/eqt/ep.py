@@ -20,47 +20,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 from torch.func import jvp, vjp
 
+from models.config.eqt import NudgeConfig
 from models.eqt.relax import RelaxResult
-from models.eqt.stabilisers import StabiliserConfig
 
 if TYPE_CHECKING:
     from models.eqt.model import EquilibriumLM
 
 
-@dataclass(frozen=True)
-class EPConfig:
-    """One EP estimator. Defaults follow log 003's canonical recipe (``--T2 20 --track``);
-    ``holomorphic_n = 0`` means real centered +-beta nudging; N >= 1 puts N points on the circle
-    of radius ``holomorphic_r`` (N = 2 is the real centered contrast at beta = r, the recipe's
-    ``--holo 2 --hr 0.02``). ``adaptive_t2`` runs to ``t2_max`` and keeps the snapshot (taken
-    every ``snapshot_every`` steps) with the smallest increment of a (``--t2sel``)."""
-
-    beta: float = 0.02
-    t2: int = 20
-    aep: Literal["none", "fixed", "tracking"] = "tracking"
-    holomorphic_n: int = 0
-    holomorphic_r: float = 0.02
-    adaptive_t2: bool = False
-    t2_max: int = 80
-    snapshot_every: int = 4
-    stab: StabiliserConfig = field(default_factory=StabiliserConfig)
-
-    def __post_init__(self) -> None:
-        if self.aep not in ("none", "fixed", "tracking"):
-            raise ValueError(f"aep must be 'none', 'fixed' or 'tracking', not {self.aep!r}")
-        if self.holomorphic_n < 0 or self.t2 < 1 or self.t2_max < 1 or self.snapshot_every < 1:
-            raise ValueError(f"invalid EPConfig {self}")
-        if (self.holomorphic_r if self.holomorphic_n else self.beta) <= 0:
-            raise ValueError("the nudge strength (beta or holomorphic_r) must be > 0")
-
-
-def nudge_points(cfg: EPConfig, dtype: torch.dtype, device: torch.device,
+def nudge_points(cfg: NudgeConfig, dtype: torch.dtype, device: torch.device,
                  ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(beta_k, exp(-i phi_k), r); real tensors when every beta_k is real (N <= 2)."""
     n, r = (cfg.holomorphic_n, cfg.holomorphic_r) if cfg.holomorphic_n else (2, cfg.beta)
@@ -114,7 +86,7 @@ def _contrast(z: torch.Tensor, z_star: torch.Tensor, weights: torch.Tensor, r: f
 
 @torch.no_grad()
 def nudged_contrast(model: EquilibriumLM, idx: torch.Tensor, targets: torch.Tensor,
-                    z_star: torch.Tensor, cfg: EPConfig) -> tuple[torch.Tensor, dict[str, float]]:
+                    z_star: torch.Tensor, cfg: NudgeConfig) -> tuple[torch.Tensor, dict[str, float]]:
     """Run all nudged phases in lockstep from z* and return the contrast a and stats."""
     betas, weights, r = nudge_points(cfg, z_star.dtype, z_star.device)
     k = betas.numel()
@@ -131,7 +103,9 @@ def nudged_contrast(model: EquilibriumLM, idx: torch.Tensor, targets: torch.Tens
     z = star_k.to(betas.dtype)
     interaction = model.block.interaction
     # ce_grad_z averages over the rows it is given; each phase must see l of its own B rows.
-    scale = float(k)
+    # "token": beta nudges every token's own loss (the sum), see the module docstring.
+    per_token = float(targets.numel()) if cfg.nudge_scale == "token" else 1.0
+    scale = float(k) * per_token
     steps = cfg.t2_max if cfg.adaptive_t2 else cfg.t2
     best_a, best_inc, best_t, prev_a = None, math.inf, steps, None
     for t in range(1, steps + 1):
@@ -146,19 +120,20 @@ def nudged_contrast(model: EquilibriumLM, idx: torch.Tensor, targets: torch.Tens
         if cfg.adaptive_t2 and t % cfg.snapshot_every == 0:
             a = _contrast(z, z_star, weights, r, k)
             if prev_a is not None and torch.isfinite(a).all():
-                inc = float((a - prev_a).norm())
+                inc = float((a - prev_a).norm()) / per_token
                 if inc < best_inc:
                     best_a, best_inc, best_t = a, inc, t
             prev_a = a
     if best_a is None:
         best_a = _contrast(z, z_star, weights, r, k)
+    best_a = best_a / per_token
     stats = {"t2": float(best_t), "a_norm": float(best_a.norm())}
     if cfg.adaptive_t2:
         stats["a_increment"] = best_inc
     return best_a, stats
 
 
-def ep_gradients(model: EquilibriumLM, idx: torch.Tensor, targets: torch.Tensor, cfg: EPConfig,
+def ep_gradients(model: EquilibriumLM, idx: torch.Tensor, targets: torch.Tensor, cfg: NudgeConfig,
                  free: RelaxResult | None = None,
                  ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """EP task gradient at the free-phase fixed point (runs the free phase if not given)."""

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch.func import vjp
 
+from models.config.eqt import StabiliserConfig
 from models.eqt.ep import contrast_gradients
 from models.eqt.relax import RelaxResult
-from models.eqt.stabilisers import StabiliserConfig
 
 if TYPE_CHECKING:
     from models.eqt.model import EquilibriumLM

@@ -15,11 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.config.eqt import BPTTRule, EPRule
 from models.eqt import bptt, ep, implicit, stabilisers
 from models.eqt.block import ConservativeBlock, ThickBlock
 from models.eqt.relax import RelaxConfig, RelaxResult, relax
 
-RuleConfig = bptt.BPTTConfig | ep.EPConfig | implicit.ImplicitConfig
+RuleConfig = BPTTRule | EPRule | implicit.ImplicitConfig
 
 
 @dataclass(frozen=True)
@@ -121,16 +122,16 @@ def gradients(model: EquilibriumLM, idx: torch.Tensor, targets: torch.Tensor,
     ``p.grad = grads[name]`` and steps its optimizer.
     """
     stab = rule_cfg.stab
-    if isinstance(rule_cfg, bptt.BPTTConfig):
-        task, stats, free = bptt.bptt_gradients(model, idx, targets, rule_cfg)
+    if isinstance(rule_cfg, BPTTRule):
+        task, stats, free = bptt.bptt_gradients(model, idx, targets)
     else:
         free = model.free_phase(idx)
         gate_shut = stab.gate is not None and not free.residual <= stab.gate
         if gate_shut:
             task = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
             stats = {"residual": free.residual, "settle_iters": float(free.steps)}
-        elif isinstance(rule_cfg, ep.EPConfig):
-            task, stats = ep.ep_gradients(model, idx, targets, rule_cfg, free)
+        elif isinstance(rule_cfg, EPRule):
+            task, stats = ep.ep_gradients(model, idx, targets, rule_cfg.nudge, free)
         else:
             task, stats = implicit.implicit_gradients(model, idx, targets, rule_cfg, free)
         stats["gate_skipped"] = float(gate_shut)

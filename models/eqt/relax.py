@@ -13,23 +13,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from models.config.eqt import RelaxConfig
+
+__all__ = ["RelaxConfig", "RelaxResult", "relax", "relative_residual"]
+
 Force = Callable[[torch.Tensor], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class RelaxConfig:
-    """Free-phase schedule. Defaults are log 003's recipe (eps 0.1, T1 150, res 1e-4)."""
-
-    eps: float = 0.1
-    t1: int = 150
-    t1max: int = 300
-    res_target: float = 1e-4
-    chunk: int = 10
-
-    def __post_init__(self) -> None:
-        if not (self.eps > 0 and self.t1 >= 1 and self.t1max >= self.t1 and self.chunk >= 1):
-            raise ValueError(f"invalid RelaxConfig {self}: need eps > 0, t1 >= 1, "
-                             "t1max >= t1, chunk >= 1")
 
 
 @dataclass

@@ -16,27 +16,16 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.func import jvp
 
+from models.config.eqt import StabiliserConfig
 from models.eqt.relax import RelaxResult
 
 if TYPE_CHECKING:
     from models.eqt.model import EquilibriumLM
-
-
-@dataclass(frozen=True)
-class StabiliserConfig:
-    """jacreg: lambda used when no controller is passed (0 = off); resreg: weight of R (0 = off);
-    gate: residual above which the task gradient is skipped (None = no gate). The log runs
-    resreg with the gate off so the penalty is not bypassed when res is high."""
-
-    jacreg: float = 0.0
-    resreg: float = 0.0
-    gate: float | None = None
 
 
 class JacregController:
@@ -58,6 +47,10 @@ class JacregController:
         self.lam = min(max(lam, floor), lam_max)
         self.res_ema: float | None = None
 
+    @classmethod
+    def from_config(cls, cfg: StabiliserConfig) -> JacregController:
+        return cls(cfg.lam, cfg.floor, cfg.lam_max, cfg.target, cfg.ema, cfg.power)
+
     def update(self, residual: float) -> float:
         if not math.isfinite(residual):
             self.lam = self.lam_max
@@ -77,10 +70,21 @@ class JacregController:
 
 
 def jacobian_penalty(model: EquilibriumLM, z: torch.Tensor) -> torch.Tensor:
-    """Hutchinson estimate of |J_nc(z)|_F^2 / numel(z), differentiable in theta (z detached)."""
+    """Hutchinson estimate of |J_nc(z)|_F^2 / numel(z), differentiable in theta (z detached).
+
+    For the thick block J v is the closed form of ``models.eqt.fast.ThickOps``: differentiating
+    ``torch.func.jvp`` through ``layer_norm`` in theta gives a wrong gradient (PyTorch 2.x; seen
+    with qk-norm, whose LN input q depends on W_q: the q/k/ln1 jacreg gradients disagreed with
+    finite differences), and the closed form is checked against both in the tests."""
+    from models.eqt.block import ThickBlock
+    from models.eqt.fast import ThickOps
+
     z = z.detach()
     probe = torch.randn_like(z)
-    _, jv = jvp(model.block.interaction, (z,), (probe,))
+    if isinstance(model.block, ThickBlock):
+        jv = ThickOps(model.block).jvp(z, probe)
+    else:
+        _, jv = jvp(model.block.interaction, (z,), (probe,))
     return jv.pow(2).sum() / z.numel()
 
 

@@ -9,7 +9,8 @@ from typing import Any
 from models.health.finding import Finding, Severity
 
 # Keys that legitimately differ between training and evaluation (matched on dotted key and leaf).
-DEFAULT_IGNORE = ("*seed", "*batch_size", "*dropout*", "*steps", "*shuffle")
+# device/threads say where a run is computed, not what: a GPU run diagnosed on a laptop is no drift.
+DEFAULT_IGNORE = ("*seed", "*batch_size", "*dropout*", "*steps", "*shuffle", "device", "threads")
 
 
 def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -16,17 +16,28 @@ import torch
 import torch.nn.functional as F
 
 from models import io
-from models.config import BPTTRule, EPRule, LMModelConfig, Params, TrainConfig
+from models.config import Params, TrainConfig
+from models.config.eqt import (
+    BPRule,
+    BPTTRule,
+    EPRule,
+    EqRule,
+    LMModelConfig,
+    LMStudyConfig,
+    RelaxConfig,
+    StabiliserConfig,
+)
 from models.data.tokens import TokenStream, load_codec, read_tokens
 from models.eqt import bptt as eqt_bptt
 from models.eqt import diagnostics as eqt_diag
 from models.eqt import ep as eqt_ep
 from models.eqt.calibration import calibrate as calibrate_relax
-from models.eqt.model import EqShape, EquilibriumLM, RuleConfig, gradients
-from models.eqt.relax import RelaxConfig
-from models.eqt.stabilisers import JacregController, StabiliserConfig
+from models.eqt.fast import FastEQ
+from models.eqt.model import EqShape, EquilibriumLM, gradients
+from models.eqt.stabilisers import JacregController
 from models.nets.transformer import TransformerLM, TransformerShape
 from models.pipeline import RunSpec, tokens_dir
+from models.studies import baselines
 from models.training import rng
 from models.training.ema import EMA
 
@@ -119,20 +130,6 @@ def _param_stats(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> dic
     return out
 
 
-EqRule = BPTTRule | EPRule
-
-
-def eq_rule_config(rule: EqRule) -> RuleConfig:
-    """The models.eqt rule config of a ``bptt`` / ``ep`` row (params -> library dataclasses)."""
-    stab = StabiliserConfig(jacreg=rule.stab.jacreg, resreg=rule.stab.resreg, gate=rule.stab.gate)
-    if isinstance(rule, BPTTRule):
-        return eqt_bptt.BPTTConfig(stab=stab)
-    n = rule.nudge
-    return eqt_ep.EPConfig(beta=n.beta, t2=n.t2, aep=n.aep, holomorphic_n=n.holomorphic_n,
-                           holomorphic_r=n.holomorphic_r, adaptive_t2=n.adaptive_t2,
-                           t2_max=n.t2_max, snapshot_every=n.snapshot_every, stab=stab)
-
-
 def eq_model(model_cfg: LMModelConfig, rule: EqRule, relax: RelaxConfig) -> EquilibriumLM:
     if model_cfg.n_layer != 1:
         raise ValueError(f"the equilibrium LM has one block; set model.n_layer=1 for row kind "
@@ -157,7 +154,6 @@ class EquilibriumTrainer:
         self.device = device
         self.cfg = train_cfg
         self.rule = rule
-        self.rule_cfg = eq_rule_config(rule)
         self.model = eq_model(model_cfg, rule, relax).to(device)
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
@@ -165,14 +161,22 @@ class EquilibriumTrainer:
             [{"params": decay, "weight_decay": train_cfg.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}], lr=train_cfg.lr, betas=(0.9, 0.95))
         self.ema = EMA(self.model, train_cfg.ema_decay)
-        st = rule.stab
-        self.controller = JacregController(st.lam, st.floor, st.lam_max, st.target, st.ema,
-                                           st.power) if st.controller else None
+        self.controller = JacregController.from_config(rule.stab) if rule.stab.controller else None
         self.stream = TokenStream(read_tokens(tokens_dir() / "train.bin"), model_cfg.block_size,
                                   train_cfg.batch_size, seed)
         self.val = read_tokens(tokens_dir() / "val.bin")
         self._last: dict[str, float] = {}
         self._last_x: torch.Tensor | None = None
+        # The fast GPU step (models.eqt.fast) when asked for and available; the eval model (the
+        # EMA copy) gets its own engine, its graphs read the EMA weights in place.
+        self.fast: FastEQ | None = None
+        self.fast_eval: FastEQ | None = None
+        if (rule.fast.enabled and device.type == "cuda" and FastEQ.supports(rule)
+                and rule.block.kind == "thick"):
+            self.fast = FastEQ(self.model, rule.fast)
+            averaged = self.ema.averaged(self.model)
+            self.fast_eval = (self.fast if averaged is self.model
+                              else FastEQ(averaged, rule.fast))  # type: ignore[arg-type]
 
     @property
     def cos_every(self) -> int:
@@ -185,7 +189,10 @@ class EquilibriumTrainer:
         out: dict[str, float] = {}
         if self.cos_every and (step + 1) % self.cos_every == 0:
             out.update(self.task_cosines(x, y))
-        grads, stats = gradients(self.model, x, y, self.rule_cfg, self.controller)
+        if self.fast is not None:
+            grads, stats = self.fast.gradients(x, y, self.rule, self.controller)
+        else:
+            grads, stats = gradients(self.model, x, y, self.rule, self.controller)
         for name, p in self.model.named_parameters():
             p.grad = grads[name]
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
@@ -199,6 +206,9 @@ class EquilibriumTrainer:
         out.update({k: float(v) for k, v in stats.items() if not k.startswith("grad/")})
         out["grad_norm"] = float(grad_norm)
         out["grad/global"] = stats["grad/global"]
+        if isinstance(self.rule, EPRule):  # the free phase behind residual/settle_iters
+            out["settle/free/tol"] = self.model.relax_cfg.res_target
+            out["settle/free/cap"] = float(self.model.relax_cfg.t1max)
         if self.controller is not None:
             out["lambda"] = self.controller.lam  # after this step's update (what the next uses)
         return out
@@ -206,7 +216,17 @@ class EquilibriumTrainer:
     def task_cosines(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """cos(g_rule, g_BPTT) per group and global on one batch: task gradients only (no
         stabilisers), at the current weights."""
-        g, _ = eqt_ep.ep_gradients(self.model, x, y, self.rule_cfg)  # type: ignore[arg-type]
+        if not isinstance(self.rule, EPRule):
+            raise TypeError(f"task cosines need an EP row, not {self.rule.kind!r}")
+        if self.fast is not None:
+            # The training step's own estimator against the exact unroll gradient, both on the
+            # fast path (the eager BPTT needs ~28 GB at the log's shape).
+            plain = StabiliserConfig(controller=False)
+            g, _ = self.fast.gradients(x, y, EPRule(nudge=self.rule.nudge, stab=plain))
+            g = {n: t.clone() for n, t in g.items()}
+            g_ref, _ = self.fast.gradients(x, y, BPTTRule(stab=plain))
+            return eqt_diag.grad_cosines(g, g_ref)
+        g, _ = eqt_ep.ep_gradients(self.model, x, y, self.rule.nudge)
         g_ref, _, _ = eqt_bptt.bptt_gradients(self.model, x, y)
         return eqt_diag.grad_cosines(g, g_ref)
 
@@ -217,7 +237,8 @@ class EquilibriumTrainer:
         if self._last_x is not None:
             with torch.no_grad():
                 x_in = self.model.x_in(self._last_x)
-                z = self.model.free_phase(self._last_x).z
+                z = (self.fast.free_phase(self._last_x) if self.fast is not None
+                     else self.model.free_phase(self._last_x)).z
             out["act/x_in"] = x_in.pow(2).mean().sqrt().item()
             out["act/z_star"] = z.pow(2).mean().sqrt().item()
         return out
@@ -230,8 +251,9 @@ class EquilibriumTrainer:
     def val_loss(self, batches: int, seed: int = EVAL_SEED) -> float:
         """Held-out CE through the free phase, on the same windows as the BP row."""
         model = self.ema.averaged(self.model)
+        loss = model.loss if self.fast_eval is None else self.fast_eval.loss
         stream = TokenStream(self.val, model.shape.block_size, self.cfg.batch_size, seed)
-        return float(np.mean([float(model.loss(*stream.next_batch(self.device)))
+        return float(np.mean([float(loss(*stream.next_batch(self.device)))
                               for _ in range(batches)]))
 
     def state_dict(self) -> dict[str, Any]:
@@ -252,16 +274,18 @@ def _param_stats_from(model: torch.nn.Module, before: dict[str, torch.Tensor],
                       grads: dict[str, torch.Tensor]) -> dict[str, float]:
     """``grad/<name>`` (the rule's gradient incl. stabilisers, before clipping) and
     ``update/<name>``."""
-    out = {f"grad/{n}": g.norm().item() for n, g in grads.items()}
-    out.update({f"update/{n}": (p.detach() - before[n]).norm().item()
-                for n, p in model.named_parameters()})
-    return out
+    names = list(grads)
+    params = dict(model.named_parameters())
+    norms = torch.stack([grads[n].norm() for n in names]
+                        + [(params[n].detach() - before[n]).norm() for n in names]).tolist()
+    out = {f"grad/{n}": v for n, v in zip(names, norms[:len(names)], strict=True)}
+    out.update({f"update/{n}": v for n, v in zip(names, norms[len(names):], strict=True)})
+    return out  # one host sync for all norms (a GPU step is ~60 ms; 40 syncs cost several)
 
 
 class EqtLMStudy:
     name = "eqt_lm"
     title = "eqt-lm: language modelling, BP transformer vs equilibrium propagation"
-    datasets = ("tokens",)
     columns = (("best_val_loss", "best val CE"), ("final_val_loss", "final val CE"),
                ("residual", "final residual"), ("cos_bptt", "cos to BPTT"),
                ("ms_per_step", "ms/step"), ("peak_mem_mb", "peak MB"))
@@ -270,10 +294,10 @@ class EqtLMStudy:
 
     def build_trainer(self, params: Params, spec: RunSpec, calibration: dict[str, Any],
                       device: torch.device) -> BPTransformerTrainer | EquilibriumTrainer:
-        study = params.study(spec.study)
+        study = params.study_as(spec.study, LMStudyConfig)
         rule = study.rules[spec.row]
         model_cfg, train_cfg = study.row_model(spec.row), study.row_train(spec.row)
-        if isinstance(rule, BPTTRule | EPRule):
+        if not isinstance(rule, BPRule):
             return EquilibriumTrainer(model_cfg, train_cfg, rule,
                                       RelaxConfig(**calibration["relax"]), spec.seed, device)
         return BPTransformerTrainer(model_cfg, train_cfg, spec.seed, device)
@@ -282,9 +306,9 @@ class EqtLMStudy:
         """BP: initial loss vs ln V, activation RMS, a short LR probe. Equilibrium rows: the
         free phase's eps/T1 (``models.eqt.calibration``; eps halved until the relaxation
         converges at init) and the initial loss vs ln V."""
-        study = params.study(self.name)
+        study = params.study_as(self.name, LMStudyConfig)
         rule = study.rules[row]
-        if isinstance(rule, BPTTRule | EPRule):
+        if not isinstance(rule, BPRule):
             return self._calibrate_eq(study.row_model(row), study.row_train(row), rule, device)
         train_cfg = study.row_train(row)
         trainer = BPTransformerTrainer(study.row_model(row), train_cfg, seed=0, device=device)
@@ -299,6 +323,7 @@ class EqtLMStudy:
             "ln_vocab": ln_v, "init_val_loss": init_loss, "init_over_ln_vocab": init_loss / ln_v,
             "act_rms": act, "lr_probe": {"lr": train_cfg.lr, "steps": probe_steps,
                                          "first_loss": losses[0], "last_loss": losses[-1]},
+            "health": _lm_baselines(trainer.val, init_loss),
         }
         _check_init_loss(init_loss, ln_v)
         if not math.isfinite(losses[-1]) or losses[-1] > losses[0]:
@@ -309,10 +334,7 @@ class EqtLMStudy:
 
     def _calibrate_eq(self, model_cfg: LMModelConfig, train_cfg: TrainConfig, rule: EqRule,
                       device: torch.device) -> dict[str, Any]:
-        r = rule.relax
-        relax = RelaxConfig(eps=r.eps, t1=r.t1, t1max=r.t1max, res_target=r.res_target,
-                            chunk=r.chunk)
-        trainer = EquilibriumTrainer(model_cfg, train_cfg, rule, relax, seed=0, device=device)
+        trainer = EquilibriumTrainer(model_cfg, train_cfg, rule, rule.relax, seed=0, device=device)
         # 8 windows per batch: enough to see divergence, cheap for the abscissa's power iteration
         batches = [trainer.stream.next_batch(device)[0][:8] for _ in range(3)]
         result = calibrate_relax(trainer.model, batches, search=True)
@@ -321,7 +343,8 @@ class EqtLMStudy:
         init_loss = trainer.val_loss(4)
         _check_init_loss(init_loss, ln_v)
         return {**result, "ln_vocab": ln_v, "init_val_loss": init_loss,
-                "init_over_ln_vocab": init_loss / ln_v}
+                "init_over_ln_vocab": init_loss / ln_v,
+                "health": _lm_baselines(trainer.val, init_loss)}
 
     def diagnose(self, params: Params, spec: RunSpec,
                  trainer: BPTransformerTrainer | EquilibriumTrainer,
@@ -352,6 +375,12 @@ class EqtLMStudy:
         return result
 
 
+def _lm_baselines(val: np.ndarray, init_loss: float) -> dict[str, Any]:
+    """What every row must beat (models.studies.baselines): ln V, unigram, untrained net."""
+    return baselines.language_model(read_tokens(tokens_dir() / "train.bin"), val, vocab_size(),
+                                    init_loss)
+
+
 def _check_init_loss(init_loss: float, ln_v: float) -> None:
     if abs(init_loss / ln_v - 1) > 0.1:
         raise ValueError(f"calibration: initial val loss {init_loss:.3f} is not within 10% of "
@@ -367,21 +396,24 @@ def _diagnose_eq(trainer: EquilibriumTrainer, device: torch.device, result: dict
     stream = TokenStream(trainer.val, model.shape.block_size, trainer.cfg.batch_size,
                          EVAL_SEED + 2)
     batches = [stream.next_batch(device) for _ in range(n_batches)]
-    cos_rows, g_rule = [], []
+    cos_rows, g_rule, g_refs = [], [], []
     for x, y in batches:
         g_ref, _, _ = eqt_bptt.bptt_gradients(model, x, y)
         if isinstance(trainer.rule, EPRule):
-            g, _ = eqt_ep.ep_gradients(model, x, y, trainer.rule_cfg)  # type: ignore[arg-type]
+            g, _ = eqt_ep.ep_gradients(model, x, y, trainer.rule.nudge)
         else:
             g = g_ref
         cos_rows.append(eqt_diag.grad_cosines(g, g_ref))
         g_rule.append(g)
+        g_refs.append(g_ref)
     cos = {k: float(np.mean([r[k] for r in cos_rows])) for k in cos_rows[0]}
     coherence = [eqt_diag.self_coherence(a, b) for a, b in zip(g_rule, g_rule[1:], strict=False)]
+    result["extras"].update({"self_coherence_groups": _group_coherence(g_rule),
+                             "self_coherence_groups_ref": _group_coherence(g_refs)})
     free = model.free_phase(batches[0][0])
     x0, y0 = batches[0]
     # 8 rows keep the abscissa's power iteration cheap
-    finger = eqt_diag.fingerprint(model, x0[:8], y0[:8], trainer.rule_cfg, batches[1:])
+    finger = eqt_diag.fingerprint(model, x0[:8], y0[:8], trainer.rule, batches[1:])
     result["metrics"].update({
         "cos_bptt": cos["cos/global"], "norm_ratio": cos["norm_ratio"],
         "self_coherence": float(np.mean(coherence)), "residual": free.residual,
@@ -392,6 +424,13 @@ def _diagnose_eq(trainer: EquilibriumTrainer, device: torch.device, result: dict
                              "cos_per_batch": cos_rows,
                              "lambda": None if trainer.controller is None
                              else trainer.controller.lam})
+
+
+def _group_coherence(grads: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Mean batch-to-batch cosine per parameter group (health: estimator sign by group)."""
+    pairs = [eqt_diag.grad_cosines(a, b) for a, b in zip(grads, grads[1:], strict=False)]
+    return {k[len("cos/"):]: float(np.mean([p[k] for p in pairs]))
+            for k in pairs[0] if k.startswith("cos/")} if pairs else {}
 
 
 def sample(model: torch.nn.Module, prompt: list[int], n: int, device: torch.device,

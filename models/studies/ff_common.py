@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from models.config_ff import FFModelConfig
+from models.config.ff import FFModelConfig
 from models.ff import metrics
 from models.ff.calibration import calibrate_dtp, calibrate_pc, dfa_feedback_scale
 from models.ff.energy import EnergyMLP, EnergyMLPConfig

@@ -52,7 +52,8 @@ class EP(Rule):
             contrast = (n.energy(x, plus) - n.energy(x, minus)) / (2 * self.cfg.beta * bsz)
             loss = n.loss(n.readout(free[-1]), y)
             (contrast + loss).backward()
-        stats = {"loss": float(loss.detach()), "residual": res}
+        stats = {"loss": float(loss.detach()), "residual": res,
+                 "settle/free/tol": n.cfg.tol, "settle/free/cap": float(n.cfg.free_steps)}
         for name, ps in n.param_groups().items():
             stats[f"update/{name}"] = flat_grad_norm(ps)
         for name, s in zip(n.layer_names(), free, strict=True):

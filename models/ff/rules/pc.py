@@ -201,7 +201,9 @@ class PC(Rule):
         m = self.learn_precisions(x, hs) if learn else self.error_power(x, hs)
         names = self.net.layer_names()
         stats = {"loss": self.last_ff_loss, "term/clamped_loss": float(clamped),
-                 "settle_iters": float(iters), "residual": res}
+                 "settle_iters": float(iters), "residual": res,
+                 "settle/inference/tol": c.settle_tol,
+                 "settle/inference/cap": float(c.settle_iters)}
         pis = self.precision().detach()
         for i, n in enumerate(names):
             stats[f"precision/{n}"] = float(pis[i])

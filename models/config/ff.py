@@ -1,5 +1,5 @@
 """params.yaml schema of the feed-forward rule studies (``rules_vision``, ``rules_ladder``,
-``rules_lq``); ``models.config`` links these into ``StudiesConfig``.
+``rules_lq``).
 
 A study lists ``rows`` (names) and ``rules`` keyed by row name; ``kind`` picks the learning rule
 and the remaining keys are that rule's hyper-parameters (the fields of ``models.ff.rules.CONFIGS``
@@ -16,8 +16,8 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from models import config as _config
-from models.config import Strict, TrainConfig, _merge_checked
+from models.config.base import Strict, StudyConfig, check_rows, merge_checked
+from models.config.train import TrainConfig
 
 
 # ---------------------------------------------------------------- rules
@@ -160,8 +160,8 @@ class LQTaskConfig(Strict):
 
 
 # ---------------------------------------------------------------- studies
-class _FFStudyBase(Strict):
-    rows: list[str]
+class _FFStudyBase(StudyConfig):
+    model: Strict  # each study sets its own model class and default
     epochs: Annotated[int, Field(gt=0)] = 20
     segment_epochs: Annotated[int, Field(gt=0)] | None = None  # None: the whole run is one segment
     train: TrainConfig = TrainConfig(batch_size=100, lr=1e-3, min_lr=1e-4, warmup_steps=20,
@@ -173,18 +173,13 @@ class _FFStudyBase(Strict):
 
     @model_validator(mode="after")
     def _rows_known(self) -> _FFStudyBase:
-        unknown = [r for r in self.rows if r not in self.rules]
-        if unknown:
-            raise ValueError(f"rows {unknown} are not defined under rules (defined: "
-                             f"{sorted(self.rules)})")
-        if len(set(self.rows)) != len(self.rows):
-            raise ValueError("rows must not repeat")
+        check_rows(self.rows, self.rules)
         for name, rule in self.rules.items():
             if rule.kind in self.forbidden_kinds:
                 raise ValueError(f"rules.{name}: kind {rule.kind!r} is not available in this "
                                  f"study (it needs another network family)")
-            _merge_checked(self.train, rule.train, f"rules.{name}.train")
-            _merge_checked(self.model, rule.model, f"rules.{name}.model")  # type: ignore[attr-defined]
+            merge_checked(self.train, rule.train, f"rules.{name}.train")
+            merge_checked(self.model, rule.model, f"rules.{name}.model")
         return self
 
     @abstractmethod
@@ -192,14 +187,14 @@ class _FFStudyBase(Strict):
         """Training examples per epoch (the task's train split minus the validation part)."""
 
     def steps_per_epoch(self, row: str) -> int:
-        bs = _merge_checked(self.train, self.rules[row].train, f"rules.{row}.train").batch_size
+        bs = merge_checked(self.train, self.rules[row].train, f"rules.{row}.train").batch_size
         return max(1, self.n_fit() // bs)  # drop-last: every epoch has the same steps
 
     def row_epochs(self, row: str) -> int:
         return self.rules[row].epochs or self.epochs
 
     def row_train(self, row: str) -> TrainConfig:
-        base = _merge_checked(self.train, self.rules[row].train, f"rules.{row}.train")
+        base = merge_checked(self.train, self.rules[row].train, f"rules.{row}.train")
         spe = self.steps_per_epoch(row)
         steps = self.row_epochs(row) * spe
         seg = steps if self.segment_epochs is None else min(steps, self.segment_epochs * spe)
@@ -207,7 +202,10 @@ class _FFStudyBase(Strict):
                                            "segment_steps": seg, "decay_steps": steps})
 
     def row_model(self, row: str) -> Any:
-        return _merge_checked(self.model, self.rules[row].model, f"rules.{row}.model")  # type: ignore[attr-defined]
+        return merge_checked(self.model, self.rules[row].model, f"rules.{row}.model")
+
+    def row_rule(self, row: str) -> Any:
+        return self.rules[row]
 
 
 class RulesVisionConfig(_FFStudyBase):
@@ -241,9 +239,3 @@ class RulesLQConfig(_FFStudyBase):
 
     def n_fit(self) -> int:
         return self.task.n_train - round(self.task.val_fraction * self.task.n_train)
-
-
-_config.StudiesConfig.model_rebuild(_types_namespace={
-    "RulesVisionConfig": RulesVisionConfig, "RulesLadderConfig": RulesLadderConfig,
-    "RulesLQConfig": RulesLQConfig})
-_config.Params.model_rebuild()

@@ -1,0 +1,194 @@
+"""Params of the language-model study ``eqt_lm``: the transformer shape and the three rules
+(BP transformer, BPTT and EP on the equilibrium block).
+
+These classes are also what the library takes (``models.eqt`` imports them): one class per
+concept, with its defaults and validators here only.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, model_validator
+
+from models.config.base import Strict, StudyConfig, check_rows, merge_checked
+from models.config.train import TrainConfig
+
+
+class LMModelConfig(Strict):
+    n_embd: Annotated[int, Field(gt=0)] = 64
+    n_head: Annotated[int, Field(gt=0)] = 4
+    n_layer: Annotated[int, Field(gt=0)] = 1
+    block_size: Annotated[int, Field(gt=1)] = 64
+    qk_norm: bool = False
+
+    @model_validator(mode="after")
+    def _heads(self) -> LMModelConfig:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        return self
+
+
+class RelaxConfig(Strict):
+    """Free phase of the equilibrium block (``models.eqt.relax``); log 003's recipe: eps 0.1,
+    T1 150, then continue in chunks until the residual is at most ``res_target`` or ``t1max``."""
+
+    eps: Annotated[float, Field(gt=0)] = 0.1
+    t1: Annotated[int, Field(ge=1)] = 150
+    t1max: Annotated[int, Field(ge=1)] = 300
+    res_target: Annotated[float, Field(gt=0, lt=1)] = 1e-4
+    chunk: Annotated[int, Field(ge=1)] = 10
+
+    @model_validator(mode="after")
+    def _order(self) -> RelaxConfig:
+        if self.t1max < self.t1:
+            raise ValueError(f"t1max={self.t1max} must be >= t1={self.t1}")
+        return self
+
+
+class StabiliserConfig(Strict):
+    """Stabilisers (``models.eqt.stabilisers``). With ``controller`` on, lambda starts at ``lam``
+    and follows the residual, clipped to [floor, lam_max]; the floor must stay > 0 (log 003: two
+    lambda -> 0 runs exploded while res read 0). With it off, ``jacreg`` is a fixed lambda.
+    ``resreg``: weight of the residual penalty R (0 = off); ``gate``: free-phase residual above
+    which the task gradient is skipped (None = no gate)."""
+
+    controller: bool = True
+    lam: Annotated[float, Field(gt=0)] = 0.1
+    floor: Annotated[float, Field(gt=0)] = 0.1
+    lam_max: Annotated[float, Field(gt=0)] = 16.0
+    target: Annotated[float, Field(gt=0)] = 1.5e-3
+    ema: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    power: Annotated[float, Field(gt=0)] = 0.3
+    jacreg: Annotated[float, Field(ge=0)] = 0.0
+    resreg: Annotated[float, Field(ge=0)] = 0.0
+    gate: Annotated[float, Field(gt=0)] | None = None
+
+    @model_validator(mode="after")
+    def _range(self) -> StabiliserConfig:
+        if not self.floor <= self.lam_max:
+            raise ValueError(f"floor={self.floor} must not exceed lam_max={self.lam_max}")
+        return self
+
+
+class EqBlockConfig(Strict):
+    """The equilibrium block and its initialisation (``models.eqt.model.EqShape``)."""
+
+    kind: Literal["thick", "conservative"] = "thick"
+    damping: Annotated[float, Field(ge=0)] = 1.0
+    emb_std: Annotated[float, Field(gt=0)] = 1.0
+    init_std: Annotated[float, Field(gt=0)] = 0.02
+    resinit: Annotated[float, Field(gt=0)] = 1.0
+
+
+class NudgeConfig(Strict):
+    """The EP estimator (``models.eqt.ep``). Defaults follow log 003's canonical recipe
+    (``--T2 20 --track``): centered +-beta nudging for T2 steps; ``holomorphic_n`` >= 2 puts N
+    points on the circle of radius ``holomorphic_r`` (N = 2 is the real centered contrast at
+    beta = r, the recipe's ``--holo 2 --hr 0.02``); AEP correction none | fixed | tracking.
+    ``adaptive_t2`` runs to ``t2_max`` and keeps the snapshot (taken every ``snapshot_every``
+    steps) with the smallest increment of a (``--t2sel``). ``nudge_scale``: ``token`` (default)
+    nudges every token's own loss with beta (the summed loss), ``mean`` the batch-mean loss,
+    whose per-element nudge ~beta/(B T) falls below fp32 resolution of z at the log's shape
+    (``models.eqt.ep``)."""
+
+    beta: Annotated[float, Field(gt=0)] = 0.02
+    t2: Annotated[int, Field(ge=1)] = 20
+    aep: Literal["none", "fixed", "tracking"] = "tracking"
+    holomorphic_n: Annotated[int, Field(ge=0)] = 0
+    holomorphic_r: Annotated[float, Field(gt=0)] = 0.02
+    adaptive_t2: bool = False
+    t2_max: Annotated[int, Field(ge=1)] = 80
+    snapshot_every: Annotated[int, Field(ge=1)] = 4
+    nudge_scale: Literal["token", "mean"] = "token"
+
+    @model_validator(mode="after")
+    def _holo(self) -> NudgeConfig:
+        if self.holomorphic_n == 1:
+            raise ValueError("holomorphic_n=1 has no centered contrast; use 0 (real +-beta) or >= 2")
+        if self.adaptive_t2 and self.t2_max < 2 * self.snapshot_every:
+            raise ValueError(f"adaptive_t2 needs t2_max >= 2 * snapshot_every (got t2_max="
+                             f"{self.t2_max}, snapshot_every={self.snapshot_every})")
+        return self
+
+
+class FastConfig(Strict):
+    """The fast GPU step of ``models.eqt.fast`` (CUDA graphs + torch.compile). ``enabled`` has
+    no effect without CUDA (the eager rules run), so CPU results never depend on it. ``bf16``:
+    autocast where the estimator tolerates it; ``tf32``: TF32 matmuls outside the nudged forces;
+    ``nudge``: tracking-AEP in ``differential`` (common/differential-mode, one vjp per step) or
+    ``lockstep`` form (the eager loop, captured); ``bptt_attention``: fused (``sdpa``) or
+    explicit-softmax attention in BPTT's backward steps."""
+
+    enabled: bool = False
+    graphs: bool = True
+    compile: bool = True
+    bf16: bool = False
+    tf32: bool = True
+    nudge: Literal["differential", "lockstep"] = "differential"
+    bptt_attention: Literal["sdpa", "materialized"] = "sdpa"
+
+
+class BPRule(Strict):
+    """Backprop through a standard pre-LN transformer (the baseline row)."""
+
+    kind: Literal["bp"] = "bp"
+    train: dict[str, Any] = {}
+    model: dict[str, Any] = {}
+
+
+class _EqRuleBase(Strict):
+    """What every rule on the equilibrium block shares: the block, its free phase, stabilisers."""
+
+    train: dict[str, Any] = {}
+    model: dict[str, Any] = {}
+    block: EqBlockConfig = EqBlockConfig()
+    relax: RelaxConfig = RelaxConfig()
+    stab: StabiliserConfig = StabiliserConfig()
+    fast: FastConfig = FastConfig()
+
+
+class BPTTRule(_EqRuleBase):
+    """Backprop through the T1-step unroll of the equilibrium block (the exact-gradient control)."""
+
+    kind: Literal["bptt"] = "bptt"
+
+
+class EPRule(_EqRuleBase):
+    """Equilibrium propagation on the equilibrium block. ``cos_every``: steps between training-time
+    measurements of cos(g_EP, g_BPTT) on the training batch (0 = off; each costs one EP and one
+    BPTT gradient)."""
+
+    kind: Literal["ep"] = "ep"
+    nudge: NudgeConfig = NudgeConfig()
+    fast: FastConfig = FastConfig()
+    cos_every: Annotated[int, Field(ge=0)] = 0
+
+
+LMRule = Annotated[BPRule | BPTTRule | EPRule, Field(discriminator="kind")]
+EqRule = BPTTRule | EPRule
+
+
+class LMStudyConfig(StudyConfig):
+    """A language-modelling study: rows are learning rules, each trained on every seed."""
+
+    model: LMModelConfig = LMModelConfig()
+    train: TrainConfig = TrainConfig()
+    rules: dict[str, LMRule]
+
+    @model_validator(mode="after")
+    def _rows_known(self) -> LMStudyConfig:
+        check_rows(self.rows, self.rules)
+        for name, rule in self.rules.items():
+            merge_checked(self.train, rule.train, f"rules.{name}.train")
+            merge_checked(self.model, rule.model, f"rules.{name}.model")
+        return self
+
+    def row_train(self, row: str) -> TrainConfig:
+        return merge_checked(self.train, self.rules[row].train, f"rules.{row}.train")
+
+    def row_model(self, row: str) -> LMModelConfig:
+        return merge_checked(self.model, self.rules[row].model, f"rules.{row}.model")
+
+    def row_rule(self, row: str) -> BPRule | BPTTRule | EPRule:
+        return self.rules[row]

@@ -1,0 +1,734 @@
+"""Fast GPU training step for the thick equilibrium block: the same EP / BPTT gradients, without
+the launch overhead (GPU-speed issue: the eager EP step is ~500 ms on an H100 and launch-bound).
+
+What makes it fast, and why each piece keeps the estimator unchanged:
+
+- ``ThickOps`` writes the block's interaction h(z) = Attn(LN1 z) + FFN(LN2 z) as plain tensor
+  ops, together with its exact J v (forward-mode) and J^T u (reverse-mode) in closed form, sharing
+  one primal pass. ``torch.func.jvp``/``vjp`` re-run the primal twice and dispatch hundreds of
+  tiny kernels per nudged step; the closed forms are the same derivatives (pinned in float64
+  against ``torch.func`` by ``tests/test_eqt_fast.py``) and are fusable by ``torch.compile``.
+  Where no forward-mode derivative is needed (every force evaluation, the contrast gradient,
+  BPTT's backward steps) attention runs through ``scaled_dot_product_attention`` (same function,
+  no T x T score tensor).
+- Tracking-AEP with N = 2 real phases linearises at z_bar = (z+ + z-)/2, so v- = -v+ and
+  corr- = -corr+: one (J - J^T) v on B rows instead of 2B (exact, J is linear in v).
+- Every fixed-length part is captured once as a CUDA graph per batch shape (the T1 free steps,
+  one continuation chunk, the nudged phase + contrast gradient, the stabilisers, the BPTT
+  unroll + its backward) and replayed; the adaptive parts stay on the host but read one device
+  scalar per chunk: the free-phase residual after T1 (and after each continuation chunk), which
+  decides the continuation and the validity gate. Adaptive-T2 snapshot selection runs on the
+  device with ``torch.where`` (no sync).
+- BPTT keeps only the T1 + 1 states z_t (1.2 GB at the log's shape instead of 28 GB of
+  activations) and backpropagates step by step, recomputing each step's internals: activation
+  checkpointing at step granularity, still the exact gradient of the T1-step unroll.
+- bf16 (optional): autocast in the free phase, the contrast gradient, the AEP correction and the
+  stabilisers; the state, the residual and the nudged forces stay fp32. The nudged phase's
+  signal is the *difference* z+ - z- (O(beta) per token, see ``models.eqt.ep``), and the forces
+  F(z+) - F(z-) cancel to that size, so they must be computed at full fp32 precision (no TF32 /
+  bf16 there); the correction is linear in v and only needs relative precision.
+
+On the CPU (or with ``graphs=False``) the same functions run eagerly: that is how the tests pin
+the fast path to the eager rules. Holomorphic EP with N > 2 (complex phases) is not covered and
+uses the eager path (``FastEQ.supports``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.config.eqt import BPTTRule, EPRule, FastConfig, NudgeConfig
+from models.eqt.ep import nudge_points
+from models.eqt.relax import RelaxResult
+from models.eqt.stabilisers import JacregController
+
+if TYPE_CHECKING:
+    from models.eqt.block import ThickBlock
+    from models.eqt.model import EquilibriumLM
+
+
+# --------------------------------------------------------------------------- closed-form block
+
+
+def _ln(x: torch.Tensor, mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                   torch.Tensor | None]:
+    """LayerNorm returning (y, n, rstd) so J v / J^T u can reuse n and rstd."""
+    if isinstance(mod, nn.Identity):
+        return x, None, None
+    mu = x.mean(-1, keepdim=True)
+    xc = x - mu
+    rstd = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + mod.eps)
+    n = xc * rstd
+    return n * mod.weight + mod.bias, n, rstd
+
+
+def _ln_t(dx: torch.Tensor, n: torch.Tensor | None, rstd: torch.Tensor | None,
+          mod: nn.Module) -> torch.Tensor:
+    """LN Jacobian times a tangent: gamma * rstd * (dx - mean dx - n mean(n dx))."""
+    if n is None:
+        return dx
+    dn = rstd * (dx - dx.mean(-1, keepdim=True) - n * (n * dx).mean(-1, keepdim=True))
+    return dn * mod.weight
+
+
+def _ln_c(g: torch.Tensor, n: torch.Tensor | None, rstd: torch.Tensor | None,
+          mod: nn.Module) -> torch.Tensor:
+    """LN Jacobian transposed times a cotangent (the normalisation part is symmetric)."""
+    if n is None:
+        return g
+    g = g * mod.weight
+    return rstd * (g - g.mean(-1, keepdim=True) - n * (g * n).mean(-1, keepdim=True))
+
+
+_GELU_K = math.sqrt(2 / math.pi)
+
+
+def _gelu_grad(a: torch.Tensor) -> torch.Tensor:
+    """d/da of tanh-GELU 0.5 a (1 + tanh(k (a + 0.044715 a^3)))."""
+    th = torch.tanh(_GELU_K * (a + 0.044715 * a**3))
+    return 0.5 * (1 + th) + 0.5 * a * (1 - th * th) * _GELU_K * (1 + 3 * 0.044715 * a * a)
+
+
+class ThickOps:
+    """The thick block's interaction, J v and J^T u as tensor ops on the module's parameters."""
+
+    def __init__(self, block: ThickBlock) -> None:
+        self.b = block
+        self.h = block.attn.n_head
+
+    def _split(self, y: torch.Tensor) -> torch.Tensor:
+        b, t, c = y.shape
+        return y.view(b, t, self.h, c // self.h).transpose(1, 2)
+
+    @staticmethod
+    def _merge(y: torch.Tensor) -> torch.Tensor:
+        b, h, t, d = y.shape
+        return y.transpose(1, 2).reshape(b, t, h * d)
+
+    def interaction(self, z: torch.Tensor) -> torch.Tensor:
+        """h(z) with fused attention (no score tensor); differentiable by autograd."""
+        blk, att = self.b, self.b.attn
+        x = F.layer_norm(z, (z.shape[-1],), blk.ln1.weight, blk.ln1.bias, blk.ln1.eps)
+        qkv = F.linear(x, torch.cat([att.q.weight, att.k.weight, att.v.weight]),
+                       torch.cat([att.q.bias, att.k.bias, att.v.bias]))  # one GEMM, not three
+        q, k, v = (self._split(y) for y in qkv.chunk(3, -1))
+        if not isinstance(att.q_norm, nn.Identity):
+            q = F.layer_norm(q, (q.shape[-1],), att.q_norm.weight, att.q_norm.bias,
+                             att.q_norm.eps)
+            k = F.layer_norm(k, (k.shape[-1],), att.k_norm.weight, att.k_norm.bias,
+                             att.k_norm.eps)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = F.linear(self._merge(y), att.o.weight, att.o.bias)
+        x2 = F.layer_norm(z, (z.shape[-1],), blk.ln2.weight, blk.ln2.bias, blk.ln2.eps)
+        hid = F.gelu(F.linear(x2, blk.ffn.fc.weight, blk.ffn.fc.bias), approximate="tanh")
+        return out + F.linear(hid, blk.ffn.proj.weight, blk.ffn.proj.bias)
+
+    def interaction_materialized(self, z: torch.Tensor) -> torch.Tensor:
+        """h(z) through the explicit softmax (the T x T probabilities stored); for autograd where
+        the fused attention's backward is the slower one (fp32 on Hopper)."""
+        pr = self._primal(z)
+        blk, att = self.b, self.b.attn
+        out = F.linear(self._merge(pr["y"]), att.o.weight, att.o.bias)
+        hid = F.gelu(pr["a"], approximate="tanh")
+        return out + F.linear(hid, blk.ffn.proj.weight, blk.ffn.proj.bias)
+
+    def _primal(self, z: torch.Tensor) -> dict[str, Any]:
+        blk, att = self.b, self.b.attn
+        x1, n1, r1 = _ln(z, blk.ln1)
+        q0 = self._split(F.linear(x1, att.q.weight, att.q.bias))
+        k0 = self._split(F.linear(x1, att.k.weight, att.k.bias))
+        v = self._split(F.linear(x1, att.v.weight, att.v.bias))
+        q, nq, rq = _ln(q0, att.q_norm)
+        k, nk, rk = _ln(k0, att.k_norm)
+        t, d = z.shape[1], q.shape[-1]
+        scale = 1 / math.sqrt(d)
+        mask = torch.ones(t, t, dtype=torch.bool, device=z.device).tril()
+        p = torch.softmax((q @ k.transpose(-2, -1) * scale).masked_fill(~mask, float("-inf")), -1)
+        y = p @ v
+        x2, n2, r2 = _ln(z, blk.ln2)
+        a = F.linear(x2, blk.ffn.fc.weight, blk.ffn.fc.bias)
+        return {"n1": n1, "r1": r1, "q": q, "k": k, "v": v, "nq": nq, "rq": rq, "nk": nk,
+                "rk": rk, "p": p, "y": y, "scale": scale, "n2": n2, "r2": r2, "a": a}
+
+    def _tangent(self, pr: dict[str, Any], dz: torch.Tensor) -> torch.Tensor:
+        """J v of h at the primal point (forward mode, closed form)."""
+        blk, att = self.b, self.b.attn
+        dx1 = _ln_t(dz, pr["n1"], pr["r1"], blk.ln1)
+        dq = _ln_t(self._split(F.linear(dx1, att.q.weight)), pr["nq"], pr["rq"], att.q_norm)
+        dk = _ln_t(self._split(F.linear(dx1, att.k.weight)), pr["nk"], pr["rk"], att.k_norm)
+        dv = self._split(F.linear(dx1, att.v.weight))
+        p = pr["p"]
+        ds = (dq @ pr["k"].transpose(-2, -1) + pr["q"] @ dk.transpose(-2, -1)) * pr["scale"]
+        pds = p * ds
+        dy = pds @ pr["v"] - pds.sum(-1, keepdim=True) * pr["y"] + p @ dv
+        jv_attn = F.linear(self._merge(dy), att.o.weight)
+        dx2 = _ln_t(dz, pr["n2"], pr["r2"], blk.ln2)
+        da = _gelu_grad(pr["a"]) * F.linear(dx2, blk.ffn.fc.weight)
+        return jv_attn + F.linear(da, blk.ffn.proj.weight)
+
+    def _cotangent(self, pr: dict[str, Any], u: torch.Tensor) -> torch.Tensor:
+        """J^T u of h at the primal point (reverse mode, closed form)."""
+        blk, att = self.b, self.b.attn
+        gy = self._split(u @ att.o.weight)
+        p = pr["p"]
+        gp = gy @ pr["v"].transpose(-2, -1)
+        gv = p.transpose(-2, -1) @ gy
+        gs = p * (gp - (gy * pr["y"]).sum(-1, keepdim=True)) * pr["scale"]
+        gq = _ln_c(gs @ pr["k"], pr["nq"], pr["rq"], att.q_norm)
+        gk = _ln_c(gs.transpose(-2, -1) @ pr["q"], pr["nk"], pr["rk"], att.k_norm)
+        gx1 = (self._merge(gq) @ att.q.weight + self._merge(gk) @ att.k.weight
+               + self._merge(gv) @ att.v.weight)
+        ga = _gelu_grad(pr["a"]) * (u @ blk.ffn.proj.weight)
+        gx2 = ga @ blk.ffn.fc.weight
+        return (_ln_c(gx1, pr["n1"], pr["r1"], blk.ln1)
+                + _ln_c(gx2, pr["n2"], pr["r2"], blk.ln2))
+
+    def jvp(self, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self._tangent(self._primal(z), v)
+
+    def vjp(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return self._cotangent(self._primal(z), u)
+
+    def antisym(self, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """(J - J^T) v at z, one shared primal pass (the AEP correction)."""
+        pr = self._primal(z)
+        return self._tangent(pr, v) - self._cotangent(pr, v)
+
+
+# --------------------------------------------------------------------------- engine
+
+
+def _grad_dict(model: nn.Module, gs: tuple[torch.Tensor | None, ...]) -> dict[str, torch.Tensor]:
+    return {n: torch.zeros_like(p) if g is None else g
+            for (n, p), g in zip(model.named_parameters(), gs, strict=True)}
+
+
+class _Graphed:
+    """A function of static buffers, run eagerly (CPU / graphs off) or captured once and replayed.
+
+    Capture follows PyTorch's recipe: a few warm-up calls on a side stream (compilation and the
+    autograd engine's lazy setup happen there), then one capture into a pool shared by all
+    graphs of the engine. Every graph writes its results into buffers allocated outside the
+    graphs (``FastEQ._out``), so a graph's scratch memory never aliases another graph's outputs.
+    """
+
+    def __init__(self, fn: Callable[[], None], use_graph: bool,
+                 pool: Any = None) -> None:
+        self.fn = fn
+        self.graph: torch.cuda.CUDAGraph | None = None
+        if use_graph:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    fn()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=pool):
+                fn()
+
+    def __call__(self) -> None:
+        if self.graph is None:
+            self.fn()
+        else:
+            self.graph.replay()
+
+
+class FastEQ:
+    """Fast EP / BPTT gradients and free phase for one ``EquilibriumLM`` with a thick block.
+
+    Graphs are built lazily per (batch shape, rule config) and read the model's parameters in
+    place, so optimizer steps (in-place updates) are seen by every replay. ``gradients`` has the
+    contract of ``models.eqt.model.gradients``.
+    """
+
+    def __init__(self, model: EquilibriumLM, cfg: FastConfig | None = None) -> None:
+        from models.eqt.block import ThickBlock
+
+        if not isinstance(model.block, ThickBlock):
+            raise ValueError("the fast path implements the thick block only")
+        self.model = model
+        self.cfg = cfg or FastConfig()
+        self.ops = ThickOps(model.block)
+        dev = next(model.parameters()).device
+        self.device = dev
+        self.dtype = next(model.parameters()).dtype  # the state's dtype (fp32, or fp64 in tests)
+        self.use_graphs = self.cfg.graphs and dev.type == "cuda"
+        self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self._cache: dict[tuple[Any, ...], Any] = {}
+        self._out: dict[str, torch.Tensor] = {}
+        wrap = (torch.compile if self.cfg.compile and dev.type == "cuda"
+                else (lambda f, **_: f))
+        self._free_core = wrap(self._free_core_eager, dynamic=False)
+        self._relax_core = wrap(self._relax_core_eager, dynamic=False)
+        self._interaction = wrap(self.ops.interaction, dynamic=False)
+        self._force_fp32 = wrap(self._force_fp32_eager, dynamic=False)
+        self._antisym = wrap(self.ops.antisym, dynamic=False)
+        self._jvp = wrap(self.ops.jvp, dynamic=False)
+        self._vjp = wrap(self.ops.vjp, dynamic=False)
+        self._interaction_mat = wrap(self.ops.interaction_materialized, dynamic=False)
+        self._nudge_step = self._nudge_step_eager
+
+    # ---- precision contexts
+    def _amp(self) -> contextlib.AbstractContextManager[Any]:
+        if self.cfg.bf16 and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _matmul_precision(self, tf32: bool) -> Iterator[None]:
+        if self.device.type != "cuda":
+            yield
+            return
+        old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+    @staticmethod
+    def supports(rule_cfg: Any) -> bool:
+        """BPTT and real-phase EP (holomorphic N <= 2); everything else runs eagerly."""
+        if isinstance(rule_cfg, BPTTRule):
+            return True
+        return isinstance(rule_cfg, EPRule) and rule_cfg.nudge.holomorphic_n <= 2
+
+    # ---- per-step functions (compiled on CUDA)
+    def _force(self, z: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
+        c = self.model.block.damping
+        return -(z - x_in) + self._interaction(z).to(self.dtype) - c * z
+
+    def _free_core_eager(self, z: torch.Tensor, x_in: torch.Tensor,
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """z + eps F(z) and res = |eps F(z)| / |z| (the residual before the step)."""
+        eps = self.model.relax_cfg.eps
+        f = -(z - x_in) + self.ops.interaction(z).to(self.dtype) - self.model.block.damping * z
+        res = (eps * f).norm() / z.norm().clamp_min(torch.finfo(z.dtype).tiny)
+        return z + eps * f, res
+
+    def _free_step(self, z: torch.Tensor, x_in: torch.Tensor,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        with self._amp():
+            return self._free_core(z, x_in)
+
+    def _relax_core_eager(self, z: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
+        """z + eps F(z) without the residual (its two norms cost ~10% of a step)."""
+        eps = self.model.relax_cfg.eps
+        f = -(z - x_in) + self.ops.interaction(z).to(self.dtype) - self.model.block.damping * z
+        return z + eps * f
+
+    def _relax_step(self, z: torch.Tensor, x_in: torch.Tensor, trace: torch.Tensor | None,
+                    i: int) -> torch.Tensor:
+        """One free-phase step; writes res(z) into ``trace[i]`` when a trace is kept."""
+        if trace is None:
+            with self._amp():
+                return self._relax_core(z, x_in)
+        cur, r = self._free_step(z, x_in)
+        trace[i].copy_(r)
+        return cur
+
+    def _force_fp32_eager(self, z: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
+        return -(z - x_in) + self.ops.interaction(z) - self.model.block.damping * z
+
+    def _nudge_step_eager(self, z: torch.Tensor, x_in2: torch.Tensor, tgt2: torch.Tensor,
+                          star2: torch.Tensor, beta_b: torch.Tensor, scale: float,
+                          aep: str) -> torch.Tensor:
+        """One lockstep step of both phases (the eager ``nudged_contrast`` loop body). The
+        forces are taken at full fp32 (their difference is the signal); the correction, linear
+        in v, under the engine's matmul precision and autocast."""
+        eps = self.model.relax_cfg.eps
+        with self._matmul_precision(False):
+            f = self._force_fp32(z, x_in2)
+        f = f - beta_b * scale * self.model.ce_grad_z(z, tgt2)
+        with self._matmul_precision(self.cfg.tf32), self._amp():
+            if aep == "tracking":
+                zp, zm = z.chunk(2)
+                zbar = 0.5 * (zp + zm)
+                corr = self._antisym(zbar, zp - zbar).to(self.dtype)
+                f = f - torch.cat([corr, -corr])
+            elif aep == "fixed":
+                f = f - self._antisym(star2, z - star2).to(self.dtype)
+        return z + eps * f
+
+    def _differential_step(self, m_: torch.Tensor, d: torch.Tensor, x_in: torch.Tensor,
+                           tgt2: torch.Tensor, r: float, scale: float,
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One tracking-AEP step of the two phases z+- = m +- d in common/differential mode.
+
+        Lockstep: z+-' = F(z+-) -+ r G+- -+ C(m) d with C = J - J^T at m = (z+ + z-)/2. Hence
+        m' = (F(m+d) + F(m-d))/2 - r (G+ - G-)/2 and d' = (F(m+d) - F(m-d))/2 - C d
+        - r (G+ + G-)/2 = J(m)^T d - r (G+ + G-)/2 + O(|d|^3), and (F(m+d) + F(m-d))/2 =
+        F(m) + O(|d|^2). The dropped terms are the centered estimator's own O(beta^2) order; at
+        the per-token beta they are below fp32 rounding of the lockstep difference, which this
+        form avoids (d is carried, never recovered from z+ - z-), so it runs in TF32 / bf16.
+        """
+        eps = self.model.relax_cfg.eps
+        c = self.model.block.damping
+        g = scale * self.model.ce_grad_z(torch.cat([m_ + d, m_ - d]), tgt2)
+        gp, gm = g.chunk(2)
+        with self._matmul_precision(self.cfg.tf32), self._amp():
+            f = self._force(m_, x_in)
+            jtd = self._vjp(m_, d).to(self.dtype) - (1 + c) * d
+        return (m_ + eps * (f - 0.5 * r * (gp - gm)),
+                d + eps * (jtd - 0.5 * r * (gp + gm)))
+
+    # ---- buffers
+    def _buf(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        t = self._out.get(name)
+        if t is None or t.shape != like.shape or t.dtype != like.dtype:
+            t = torch.zeros_like(like)
+            self._out[name] = t
+        return t
+
+    def _grad_bufs(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {n: self._buf(f"{prefix}/{n}", p) for n, p in self.model.named_parameters()}
+
+    def _inputs(self, idx: torch.Tensor, targets: torch.Tensor | None) -> None:
+        self._buf("idx", idx).copy_(idx)
+        if targets is not None:
+            self._buf("tgt", targets).copy_(targets)
+
+    # ---- free phase
+    def _free_graphs(self, shape: tuple[int, ...], keep_trace: bool,
+                     ) -> tuple[_Graphed, _Graphed, _Graphed]:
+        key = ("free", shape, keep_trace)
+        if key not in self._cache:
+            m, rc = self.model, self.model.relax_cfg
+            idx = self._out["idx"]
+            b, t = shape
+            c = m.shape.n_embd
+            proto = torch.zeros(b, t, c, device=self.device, dtype=self.dtype)
+            z = self._buf("z", proto)
+            zt1 = self._buf("z_t1", proto)
+            x_in = self._buf("x_in", proto)
+            trace = self._buf("trace", torch.zeros(rc.t1max + 1, device=self.device, dtype=self.dtype))
+            res = self._buf("res", torch.zeros((), device=self.device, dtype=self.dtype))
+            tr = trace if keep_trace else None
+
+            def tail() -> None:
+                with torch.no_grad(), self._matmul_precision(self.cfg.tf32):
+                    _, r = self._free_step(z, x_in)
+                    res.copy_(r)
+
+            def t1() -> None:
+                with torch.no_grad(), self._matmul_precision(self.cfg.tf32):
+                    x_in.copy_(m.x_in(idx))
+                    cur = x_in
+                    for i in range(rc.t1):
+                        cur = self._relax_step(cur, x_in, tr, i)
+                    z.copy_(cur)
+                    zt1.copy_(cur)
+                tail()
+
+            def chunk() -> None:
+                with torch.no_grad(), self._matmul_precision(self.cfg.tf32):
+                    cur = z
+                    for i in range(rc.chunk):
+                        cur = self._relax_step(cur, x_in, tr, i)
+                    z.copy_(cur)
+                tail()
+
+            def one() -> None:
+                with torch.no_grad(), self._matmul_precision(self.cfg.tf32):
+                    z.copy_(self._relax_step(z, x_in, tr, 0))
+                tail()
+
+            self._cache[key] = (_Graphed(t1, self.use_graphs, self.pool),
+                                _Graphed(chunk, self.use_graphs, self.pool),
+                                _Graphed(one, self.use_graphs, self.pool))
+        return self._cache[key]
+
+    def free_phase(self, idx: torch.Tensor, keep_trace: bool = False) -> RelaxResult:
+        """The adaptive free phase of ``models.eqt.relax.relax``: T1 steps, then chunks until
+        res <= res_target or t1max; one host read of the residual per chunk. Without
+        ``keep_trace`` the per-step residuals are not computed and ``trace`` holds only the
+        residuals read after T1 and after each chunk."""
+        rc = self.model.relax_cfg
+        self._inputs(idx, None)
+        g_t1, g_chunk, g_one = self._free_graphs(tuple(idx.shape), keep_trace)
+        trace_buf, res_buf = self._out["trace"], self._out["res"]
+        g_t1()
+        trace = trace_buf[:rc.t1].tolist() if keep_trace else []
+        res = res_t1 = float(res_buf)
+        steps = rc.t1
+        while math.isfinite(res) and res > rc.res_target and steps < rc.t1max:
+            n = min(rc.chunk, rc.t1max - steps)
+            if n == rc.chunk:
+                g_chunk()
+                trace += trace_buf[:n].tolist() if keep_trace else [res]
+            else:
+                for _ in range(n):
+                    g_one()
+                    if keep_trace:
+                        trace.append(float(trace_buf[0]))
+                if not keep_trace:
+                    trace.append(res)
+            steps += n
+            res = float(res_buf)
+        trace.append(res)
+        z = self._out["z"]
+        finite = bool(torch.isfinite(z).all())
+        return RelaxResult(z=z, z_t1=self._out["z_t1"],
+                           residual=res if finite else math.inf,
+                           residual_t1=res_t1 if finite else math.inf, steps=steps, trace=trace)
+
+    @torch.no_grad()
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Evaluation CE through the fast free phase (``EquilibriumLM.loss``)."""
+        z = self.free_phase(idx).z
+        if not torch.isfinite(z).all():
+            return torch.tensor(math.inf, device=idx.device)
+        return self.model.ce(z, targets)
+
+    # ---- EP task gradient
+    def _ep_graph(self, shape: tuple[int, ...], cfg: NudgeConfig) -> _Graphed:
+        key = ("ep", shape, self.cfg.nudge, cfg.model_dump_json())
+        if key in self._cache:
+            return self._cache[key]
+        m = self.model
+        idx, tgt, z_star = self._out["idx"], self._out["tgt"], self._out["z"]
+        betas, weights, r = nudge_points(cfg, self.dtype, self.device)
+        if betas.is_complex():
+            raise ValueError("complex holomorphic phases are not on the fast path")
+        k = betas.numel()
+        if cfg.aep == "tracking" and k != 2:
+            raise ValueError("tracking-AEP on the fast path needs the two real phases +-beta")
+        b = shape[0]
+        beta_b = betas.repeat_interleave(b).view(-1, 1, 1)
+        a_out = self._buf("a", z_star)
+        loss_out = self._buf("loss", torch.zeros((), device=self.device, dtype=self.dtype))
+        t2_out = self._buf("t2", torch.zeros((), device=self.device, dtype=self.dtype))
+        inc_out = self._buf("a_inc", torch.zeros((), device=self.device, dtype=self.dtype))
+        grads_out = self._grad_bufs("task")
+        steps = cfg.t2_max if cfg.adaptive_t2 else cfg.t2
+        names, params = zip(*m.named_parameters(), strict=True)
+        differential = self.cfg.nudge == "differential" and cfg.aep == "tracking"
+
+        def contrast(z: torch.Tensor) -> torch.Tensor:
+            d = (z - z_star.repeat(k, 1, 1)).unflatten(0, (k, -1))
+            return -(weights.view(-1, 1, 1, 1) * d).sum(0) / (k * r)
+
+        def run() -> None:
+            with torch.no_grad():
+                x_in2 = m.x_in(idx).repeat(k, 1, 1)
+                tgt2 = tgt.repeat(k, 1)
+                star2 = z_star.repeat(k, 1, 1)
+                scale = float(k) * (tgt.numel() if cfg.nudge_scale == "token" else 1)
+                z = star2.clone()
+                best_a = torch.zeros_like(z_star)
+                best_inc = torch.full((), math.inf, device=self.device, dtype=self.dtype)
+                best_t = torch.full((), float(steps), device=self.device, dtype=self.dtype)
+                prev_a = None
+                if differential:
+                    x_in1 = m.x_in(idx)
+                    mode, dif = z_star.clone(), torch.zeros_like(z_star)
+                for t in range(1, steps + 1):
+                    if differential:
+                        mode, dif = self._differential_step(mode, dif, x_in1, tgt2, r, scale)
+                    else:
+                        z = self._nudge_step(z, x_in2, tgt2, star2, beta_b, scale, cfg.aep)
+                    if cfg.adaptive_t2 and t % cfg.snapshot_every == 0:
+                        a = -dif / r if differential else contrast(z)
+                        if prev_a is not None:
+                            inc = (a - prev_a).norm()
+                            better = torch.isfinite(a).all() & (inc < best_inc)
+                            best_a = torch.where(better, a, best_a)
+                            best_t = torch.where(better, torch.full_like(best_t, t), best_t)
+                            best_inc = torch.where(better, inc, best_inc)
+                        prev_a = a
+                last = -dif / r if differential else contrast(z)
+                if cfg.adaptive_t2:
+                    found = torch.isfinite(best_inc)
+                    a = torch.where(found, best_a, last)
+                    best_t = torch.where(found, best_t, torch.full_like(best_t, steps))
+                else:
+                    a = last
+                if cfg.nudge_scale == "token":
+                    a = a / tgt.numel()
+                a_out.copy_(a)
+                t2_out.copy_(best_t)
+                inc_out.copy_(best_inc)
+            with torch.enable_grad(), self._matmul_precision(self.cfg.tf32), self._amp():
+                x_in = m.x_in(idx)
+                f = self._force(z_star, x_in)
+                ce = m.ce(z_star, tgt)
+                s = (a_out * f).sum() + ce
+                gs = torch.autograd.grad(s, params, allow_unused=True)
+            with torch.no_grad():
+                loss_out.copy_(ce.detach().to(self.dtype))
+                for n, g in zip(names, gs, strict=True):
+                    if g is None:
+                        grads_out[n].zero_()
+                    else:
+                        grads_out[n].copy_(g)
+
+        graph = _Graphed(run, self.use_graphs, self.pool)
+        self._cache[key] = graph
+        return graph
+
+    # ---- stabilisers
+    def _stab_graph(self, shape: tuple[int, ...], jacreg: bool, resreg: float,
+                    ) -> _Graphed:
+        key = ("stab", shape, jacreg, resreg)
+        if key in self._cache:
+            return self._cache[key]
+        m = self.model
+        idx, z_star, z_t1 = self._out["idx"], self._out["z"], self._out["z_t1"]
+        lam = self._buf("lam", torch.zeros((), device=self.device, dtype=self.dtype))
+        jr_out = self._buf("jacreg", torch.zeros((), device=self.device, dtype=self.dtype))
+        rr_out = self._buf("resreg", torch.zeros((), device=self.device, dtype=self.dtype))
+        grads_out = self._grad_bufs("stab")
+        names, params = zip(*m.named_parameters(), strict=True)
+        eps = m.relax_cfg.eps
+
+        def run() -> None:
+            with torch.enable_grad(), self._matmul_precision(self.cfg.tf32), self._amp():
+                total = torch.zeros((), device=self.device, dtype=self.dtype)
+                if jacreg:
+                    probe = torch.randn_like(z_star)
+                    jv = self._jvp(z_star, probe).to(self.dtype)
+                    jr = jv.pow(2).sum() / z_star.numel()
+                    total = total + lam * jr
+                if resreg > 0:
+                    f = self._force(z_t1, m.x_in(idx))
+                    rr = (eps * f).pow(2).sum() / (z_t1.pow(2).sum() + eps)
+                    total = total + resreg * rr
+                gs = torch.autograd.grad(total, params, allow_unused=True)
+            with torch.no_grad():
+                if jacreg:
+                    jr_out.copy_(jr.detach())
+                if resreg > 0:
+                    rr_out.copy_(rr.detach())
+                for n, g in zip(names, gs, strict=True):
+                    if g is None:
+                        grads_out[n].zero_()
+                    else:
+                        grads_out[n].copy_(g)
+
+        graph = _Graphed(run, self.use_graphs, self.pool)
+        self._cache[key] = graph
+        return graph
+
+    # ---- BPTT
+    def _bptt_graph(self, shape: tuple[int, ...]) -> _Graphed:
+        key = ("bptt", shape)
+        if key in self._cache:
+            return self._cache[key]
+        m, rc = self.model, self.model.relax_cfg
+        idx, tgt = self._out["idx"], self._out["tgt"]
+        b, t = shape
+        proto = torch.zeros(b, t, m.shape.n_embd, device=self.device, dtype=self.dtype)
+        states = self._buf("bptt_states", proto.expand(rc.t1 + 1, b, t, -1).contiguous())
+        z_out = self._buf("z", proto)
+        res_out = self._buf("res", torch.zeros((), device=self.device, dtype=self.dtype))
+        self._buf("z_t1", proto)
+        loss_out = self._buf("loss", torch.zeros((), device=self.device, dtype=self.dtype))
+        grads_out = self._grad_bufs("task")
+        block_names = [n for n, _ in m.named_parameters() if n.startswith("block.")]
+        block_params = [p for n, p in m.named_parameters() if n.startswith("block.")]
+        eps, c = rc.eps, m.block.damping
+
+        def run() -> None:
+            with torch.no_grad(), self._matmul_precision(self.cfg.tf32):
+                x_in = m.x_in(idx)
+                states[0].copy_(x_in)
+                cur = x_in
+                for i in range(rc.t1):
+                    cur = self._relax_step(cur, x_in, None, i)
+                    states[i + 1].copy_(cur)
+                _, r = self._free_step(cur, x_in)
+                res_out.copy_(r)
+                z_out.copy_(cur)
+                self._out["z_t1"].copy_(cur)
+            with torch.enable_grad(), self._matmul_precision(self.cfg.tf32), self._amp():
+                zt = states[rc.t1].detach().requires_grad_(True)
+                ce = m.ce(zt, tgt)
+                lam, g_head = torch.autograd.grad(ce, (zt, m.head.weight))
+                lam = lam.to(self.dtype)
+                acc = [torch.zeros_like(p) for p in block_params]
+                gx = torch.zeros_like(lam)
+                for i in range(rc.t1 - 1, -1, -1):
+                    zi = states[i].detach().requires_grad_(True)
+                    h = (self._interaction_mat(zi) if self.cfg.bptt_attention == "materialized"
+                         else self._interaction(zi))
+                    out = torch.autograd.grad(h, [zi, *block_params], lam.to(h.dtype))
+                    for a_, g in zip(acc, out[1:], strict=True):
+                        a_.add_(g, alpha=eps)
+                    gx.add_(lam, alpha=eps)
+                    lam = lam + eps * (out[0].to(self.dtype) - (1 + c) * lam)
+                gx.add_(lam)
+                x_in = m.x_in(idx)
+                g_tok, g_pos = torch.autograd.grad(x_in, (m.tok.weight, m.pos.weight), gx)
+            with torch.no_grad():
+                loss_out.copy_(ce.detach().to(self.dtype))
+                grads_out["head.weight"].copy_(g_head)
+                grads_out["tok.weight"].copy_(g_tok)
+                grads_out["pos.weight"].copy_(g_pos)
+                for n, a_ in zip(block_names, acc, strict=True):
+                    grads_out[n].copy_(a_)
+
+        graph = _Graphed(run, self.use_graphs, self.pool)
+        self._cache[key] = graph
+        return graph
+
+    # ---- the dispatcher
+    def gradients(self, idx: torch.Tensor, targets: torch.Tensor, rule_cfg: BPTTRule | EPRule,
+                  controller: JacregController | None = None,
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """``models.eqt.model.gradients`` on the fast path (same stats keys)."""
+        if not self.supports(rule_cfg):
+            raise ValueError(f"the fast path does not support {rule_cfg!r}")
+        stab = rule_cfg.stab
+        shape = tuple(idx.shape)
+        self._inputs(idx, targets)
+        zero_task = False
+        if isinstance(rule_cfg, BPTTRule):
+            self._bptt_graph(shape)()
+            res = float(self._out["res"])
+            finite = bool(torch.isfinite(self._out["z"]).all())
+            res = res if finite else math.inf
+            loss = float(self._out["loss"])
+            stats: dict[str, float] = {"loss": loss, "term/ce": loss, "residual": res,
+                                       "settle_iters": float(self.model.relax_cfg.t1)}
+            free_res = res
+        else:
+            free = self.free_phase(idx)
+            free_res = free.residual
+            gate_shut = stab.gate is not None and not free.residual <= stab.gate
+            stats = {"residual": free.residual, "settle_iters": float(free.steps)}
+            if gate_shut:
+                zero_task = True
+            else:
+                self._ep_graph(shape, rule_cfg.nudge)()
+                loss = float(self._out["loss"])
+                stats.update({"loss": loss, "term/ce": loss, "t2": float(self._out["t2"]),
+                              "a_norm": float(self._out["a"].norm())})
+                if rule_cfg.nudge.adaptive_t2:
+                    stats["a_increment"] = float(self._out["a_inc"])
+            stats["gate_skipped"] = float(gate_shut)
+        task = {n: torch.zeros_like(p) if zero_task else self._out[f"task/{n}"]
+                for n, p in self.model.named_parameters()}
+        lam = controller.lam if controller is not None else stab.jacreg
+        stats["lambda"] = lam
+        grads = task
+        if lam > 0 or stab.resreg > 0:
+            self._buf("lam", torch.zeros((), device=self.device, dtype=self.dtype)).fill_(lam)
+            self._stab_graph(shape, lam > 0, stab.resreg)()
+            if lam > 0:
+                stats["term/jacreg"] = float(self._out["jacreg"])
+            if stab.resreg > 0:
+                stats["term/resreg"] = float(self._out["resreg"])
+            grads = {n: task[n] + self._out[f"stab/{n}"] for n in task}
+        if controller is not None:
+            controller.update(free_res)
+        stats["grad/global"] = float(torch.sqrt(sum(g.pow(2).sum() for g in grads.values())))
+        return grads, stats
