@@ -16,7 +16,7 @@ import torch
 
 from models.ff.energy import EnergyMLP, EnergyMLPConfig
 from models.ff.mlp import DeepMLP, MLPConfig, evaluate
-from models.ff.rules import CONFIGS, RULES
+from models.ff.rules import CONFIGS, RULES, CreditBridge
 
 torch.set_num_threads(2)
 STEPS, BATCH = 200, 64
@@ -39,8 +39,10 @@ def net_for(energy: bool) -> torch.nn.Module:
 def train(kind: str, energy: bool) -> float:
     """Test accuracy after STEPS updates of ``kind`` (rule config defaults = study settings)."""
     net = net_for(energy)
-    extra = {"epochs": 10} if kind == "credit_bridge" else {}
-    rule = RULES[kind](net, CONFIGS[kind](seed=0, **extra))
+    if kind == "credit_bridge":
+        rule = CreditBridge(net, CONFIGS[kind](), 0, epochs=10)
+    else:
+        rule = RULES[kind](net, CONFIGS[kind](), 0)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     x, y = xor(32 * BATCH, 0)
     for step in range(STEPS):

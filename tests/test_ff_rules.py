@@ -8,24 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from models.config.ff import (
+    FFCreditBridgeRule,
+    FFDFARule,
+    FFDTPRule,
+    FFEPRule,
+    FFPCRule,
+)
 from models.ff.energy import EnergyMLP, EnergyMLPConfig
 from models.ff.metrics import cosine
 from models.ff.mlp import DeepMLP, MLPConfig, true_state_grads
-from models.ff.rules import (
-    CONFIGS,
-    DFA,
-    DTP,
-    EP,
-    PC,
-    RULES,
-    CreditBridge,
-    CreditBridgeConfig,
-    DFAConfig,
-    DTPConfig,
-    EPConfig,
-    PCConfig,
-    StateBridge,
-)
+from models.ff.rules import CONFIGS, DFA, DTP, EP, PC, RULES, CreditBridge, StateBridge
 from models.studies.ff_common import ep_reference
 
 torch.set_num_threads(2)
@@ -57,7 +50,7 @@ def test_dfa_credit_is_feedback_through_final_layernorm_by_hand() -> None:
     net = tiny_net(block_layers=1, act="tanh")
     with torch.no_grad():
         net.ln_f.weight.uniform_(0.5, 1.5)  # a non-trivial gain must enter the Jacobian
-    rule = DFA(net, DFAConfig(feedback_scale=0.7, seed=3))
+    rule = DFA(net, FFDFARule(feedback_scale=0.7), seed=3)
     x, y = batch()
     rule.update(x, y)
     with torch.no_grad():
@@ -80,7 +73,7 @@ def test_dfa_credit_is_feedback_through_final_layernorm_by_hand() -> None:
 
 def test_dfa_without_final_layernorm_is_plain_feedback() -> None:
     net = tiny_net(block_layers=1, act="identity", layernorm=False)
-    rule = DFA(net, DFAConfig(feedback_scale=1.3, seed=2))
+    rule = DFA(net, FFDFARule(feedback_scale=1.3), seed=2)
     x, y = batch()
     with torch.no_grad():
         e = (torch.softmax(net(x), -1) - F.one_hot(y, 3).double()) / x.shape[0]
@@ -90,7 +83,7 @@ def test_dfa_without_final_layernorm_is_plain_feedback() -> None:
 
 def test_dtp_targets_follow_difference_formula() -> None:
     net = tiny_net()
-    rule = DTP(net, DTPConfig(eta=0.3))
+    rule = DTP(net, FFDTPRule(eta=0.3))
     x, y = batch()
     with torch.no_grad():
         hs = net.states(x)
@@ -110,16 +103,15 @@ def test_dtp_linear_net_with_exact_inverses_gives_gauss_newton_step() -> None:
     # that moves h_L by -eta B grad), and the layer update is its outer product with the input:
     # dW_l = (M_l^{-1} g_L)^T h_{l-1} (over eta B), versus BP's (M_l^T g_L)^T h_{l-1}.
     net = tiny_net(block_layers=1, act="identity", layernorm=False, depth=3)
-    rule = DTP(net, DTPConfig(eta=0.05))
+    rule = DTP(net, FFDTPRule(eta=0.05))
     eye = torch.eye(6, dtype=torch.float64)
     with torch.no_grad():
         for i, blk in enumerate(net.blocks):
             ainv = torch.linalg.inv(eye + blk.fc1.weight)
             rule.inverses[i].fc1.weight.copy_(ainv - eye)
             rule.inverses[i].fc1.bias.copy_(-ainv @ blk.fc1.bias)
-    rule.cfg.inverse_steps = 0  # keep the exact inverses
     x, y = batch()
-    rule.update(x, y)
+    rule.grads(x, y)  # grads() does not train the inverses: they stay exact
     with torch.no_grad():
         hs = net.states(x)
         _, g = true_state_grads(net, x, y)
@@ -135,7 +127,7 @@ def test_dtp_linear_net_with_exact_inverses_gives_gauss_newton_step() -> None:
 
 def test_pc_settled_errors_match_bp_in_small_error_limit() -> None:
     net = tiny_net()
-    rule = PC(net, PCConfig(output_weight=1e-4, precision_lr=0.0, settle_iters=400,
+    rule = PC(net, FFPCRule(output_weight=1e-4, precision_lr=0.0, settle_iters=400,
                             settle_tol=1e-6, precision_init=1.5))
     x, y = batch()
     cred = rule.credit(x, y)
@@ -156,7 +148,7 @@ def test_pc_clamped_settling_reaches_an_equilibrium_at_default_settings() -> Non
     # state the force on every h_l must vanish: pi_l eps_l = J_{l+1}^T pi_{l+1} eps_{l+1} and at
     # the top the clamp balances the error, credit_L = dL/dh_L at the settled h_L.
     net = tiny_net(width=32, d_ff=64)  # the study's scale: width 6 drives h_L to LN_f's
-    rule = PC(net, PCConfig())        # singular point (see models/ff/rules/pc.py)
+    rule = PC(net, FFPCRule())        # singular point (see models/ff/rules/pc.py)
     x, y = batch(n=32)
     hs, iters, res = rule.settle(x, y)
     assert res <= rule.cfg.settle_tol and iters < rule.cfg.settle_iters
@@ -173,7 +165,7 @@ def test_pc_clamped_settling_reaches_an_equilibrium_at_default_settings() -> Non
 
 def test_pc_precisions_learn_toward_free_energy_optimum_above_floor() -> None:
     net = tiny_net()
-    cfg = PCConfig(precision_lr=2.0, precision_damping=0.0, precision_prior_rate=0.25,
+    cfg = FFPCRule(precision_lr=2.0, precision_damping=0.0, precision_prior_rate=0.25,
                    precision_floor=0.2)
     rule = PC(net, cfg)
     x, y = batch()
@@ -221,7 +213,7 @@ def test_ep_matches_implicit_gradient_at_small_beta() -> None:
     with torch.no_grad():
         for m in net.layers:
             m.weight.mul_(2.0)
-    rule = EP(net, EPConfig(beta=1e-3, nudge_steps=2000))
+    rule = EP(net, FFEPRule(beta=1e-3, nudge_steps=2000))
     x, y = batch()
     rule.update(x, y)
     ref = implicit_gradient(net, x, y)
@@ -264,7 +256,7 @@ def test_ep_matches_unrolled_reference_with_converged_free_phase(beta: float,
     torch.manual_seed(1)
     cfg = EnergyMLPConfig(d_in=5, d_out=3, hidden=[12, 12], dt=0.5, free_steps=120)
     net = EnergyMLP(cfg).double()
-    rule = EP(net, EPConfig(beta=beta, nudge_steps=100))
+    rule = EP(net, FFEPRule(beta=beta, nudge_steps=100))
     x, y = batch(n=32)
     assert net.relax(x, cfg.free_steps)[1] < 1e-8
     rule.grads(x, y)
@@ -300,8 +292,8 @@ def test_state_bridge_with_exact_maps_gives_the_true_credit() -> None:
 
 def test_credit_bridge_terminal_matching_recovers_output_gradient() -> None:
     net = tiny_net(width=6)
-    rule = CreditBridge(net, CreditBridgeConfig(bridge_lr=2e-2, d_value=32, epochs=1,
-                                                warmup_frac=0.0))
+    rule = CreditBridge(net, FFCreditBridgeRule(bridge_lr=2e-2, d_value=32, warmup_frac=0.0),
+                        epochs=1)
     x, y = batch(n=16)
     with torch.no_grad():
         hs = net.states(x)
@@ -316,7 +308,7 @@ def test_credit_bridge_terminal_matching_recovers_output_gradient() -> None:
 
 def test_credit_bridge_credit_is_dfa_in_warmup_then_normalised_value_gradient() -> None:
     net = tiny_net()
-    rule = CreditBridge(net, CreditBridgeConfig(epochs=10, warmup_frac=0.2))
+    rule = CreditBridge(net, FFCreditBridgeRule(warmup_frac=0.2), epochs=10)
     x, y = batch()
     with torch.no_grad():
         hs = net.states(x)
@@ -339,8 +331,8 @@ def test_credit_bridge_learns_the_costate_of_a_fixed_linear_system() -> None:
     torch.manual_seed(0)
     net = DeepMLP(lq_config(depth=2, d=8, d_in=8, d_out=3))
     split = make_lq(8, 3, n_train=2048, n_test=256, seed=0)
-    rule = CreditBridge(net, CreditBridgeConfig(bridge_lr=1e-2, d_value=32, epochs=1,
-                                                warmup_frac=0.0))
+    rule = CreditBridge(net, FFCreditBridgeRule(bridge_lr=1e-2, d_value=32, warmup_frac=0.0),
+                        epochs=1)
     g = torch.Generator().manual_seed(0)
     x, y = split.x_test, split.y_test
     before = costate_cosine(rule.credit(x, y), exact_costate(net, x, y))["mean"]
@@ -365,13 +357,12 @@ def make(rule: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     if rule == "ep":
         net = EnergyMLP(EnergyMLPConfig(d_in=10, d_out=4, hidden=[32], free_steps=20,
                                         dt=0.5)).to(dtype)
-        cfg = EPConfig(beta=0.5, nudge_steps=8, seed=seed)
-    else:
-        net = DeepMLP(MLPConfig(d_in=10, d_out=4, width=16, depth=2, d_ff=32)).to(dtype)
-        extra = {"credit_bridge": {"epochs": 10},
-                 "pc": {"noise_std": 0.01, "settle_iters": 8}}.get(rule, {})
-        cfg = CONFIGS[rule](seed=seed, **extra)
-    return net, RULES[rule](net, cfg)
+        return net, EP(net, FFEPRule(beta=0.5, nudge_steps=8), seed)
+    net = DeepMLP(MLPConfig(d_in=10, d_out=4, width=16, depth=2, d_ff=32)).to(dtype)
+    if rule == "credit_bridge":
+        return net, CreditBridge(net, FFCreditBridgeRule(), seed, epochs=10)
+    extra = {"pc": {"noise_std": 0.01, "settle_iters": 8}}.get(rule, {})
+    return net, RULES[rule](net, CONFIGS[rule](**extra), seed)
 
 
 @pytest.mark.parametrize("name", sorted(RULES))

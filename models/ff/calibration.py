@@ -53,13 +53,13 @@ def calibrate_pc(rule: PC, x: Tensor, y: Tensor,
                  step_sizes: Sequence[float] = (0.4, 0.2, 0.1, 0.05)) -> dict[str, float]:
     """Largest settling step whose settling reaches the rule's tolerance within its iteration
     cap at initialisation; sets settle_lr. Raises if none does (energy or tolerance wrong)."""
-    old = rule.cfg.settle_lr
+    old = rule.cfg
     for lr in sorted(step_sizes, reverse=True):
-        rule.cfg.settle_lr = lr
+        rule.cfg = old.model_copy(update={"settle_lr": lr})
         _, iters, res = rule.settle(x, y)
         if res <= rule.cfg.settle_tol:
             return {"settle_lr": lr, "settle_iters": float(iters), "residual": res}
-    rule.cfg.settle_lr = old
+    rule.cfg = old
     raise RuntimeError(f"PC settling reached tol={rule.cfg.settle_tol} within "
                        f"{rule.cfg.settle_iters} iterations for none of the step sizes "
                        f"{list(step_sizes)}")

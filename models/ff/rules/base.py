@@ -25,14 +25,16 @@ from torch import Tensor, nn
 class Rule(ABC):
     name: ClassVar[str]
 
-    def __init__(self, net: nn.Module, cfg: Any) -> None:
+    def __init__(self, net: nn.Module, cfg: Any, seed: int = 0) -> None:
+        """``cfg``: the rule's class from models.config.ff; ``seed``: the run's seed."""
         self.net = net
         self.cfg = cfg
+        self.seed = seed
         self.epoch = 0
         p = next(net.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.gen = torch.Generator(device="cpu")
-        self.gen.manual_seed(int(getattr(cfg, "seed", 0)))
+        self.gen.manual_seed(seed)
 
     def learn(self, x: Tensor, y: Tensor) -> dict[str, float]:
         """Train the rule's estimators on (x, y); return their statistics. None by default."""
@@ -87,7 +89,7 @@ class Rule(ABC):
     def build(self, factory: Callable[[], nn.Module]) -> nn.Module:
         """Create an auxiliary module from the rule's seed without touching the global RNG."""
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(getattr(self.cfg, "seed", 0)) + 7919)
+            torch.manual_seed(self.seed + 7919)
             module = factory()
         return module.to(device=self.device, dtype=self.dtype)
 

@@ -20,26 +20,14 @@ learning) so the value net does not bootstrap from an untrained net (log 002).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.config.ff import FFCreditBridgeRule, FFDFARule
 from models.ff.mlp import DeepMLP, act_rms, activation, apply_credit, grad_norms, make_block
 from models.ff.rules.base import Rule
-from models.ff.rules.dfa import DFA, DFAConfig
-
-
-@dataclass
-class CreditBridgeConfig:
-    bridge_lr: float = 1e-3  # Adam, internal, for v and every R_l
-    d_value: int = 256
-    term_grad_weight: float = 1.0
-    warmup_frac: float = 0.2
-    epochs: int = 100  # total epochs of the run (for the warm-up)
-    feedback_scale: float = 1.0  # DFA warm-up feedback
-    seed: int = 0
+from models.ff.rules.dfa import DFA
 
 
 class ValueHead(nn.Module):
@@ -61,15 +49,18 @@ class ValueHead(nn.Module):
 class CreditBridge(Rule):
     name = "credit_bridge"
 
-    def __init__(self, net: DeepMLP, cfg: CreditBridgeConfig | None = None) -> None:
-        super().__init__(net, cfg or CreditBridgeConfig())
+    def __init__(self, net: DeepMLP, cfg: FFCreditBridgeRule | None = None, seed: int = 0,
+                 epochs: int = 100) -> None:
+        """``epochs``: the run's total epochs (the DFA warm-up is ``warmup_frac`` of them)."""
+        super().__init__(net, cfg or FFCreditBridgeRule(), seed)
+        self.epochs = epochs
         self.net: DeepMLP = net
         c, nc = self.cfg, net.cfg
         self.value = self.build(lambda: ValueHead(nc.width, nc.d_out, c.d_value, nc.act, nc.layernorm))
         self.bridges = self.build(lambda: nn.ModuleList(make_block(nc) for _ in range(nc.depth)))
         self.opt = torch.optim.Adam([*self.value.parameters(), *self.bridges.parameters()],
                                     lr=c.bridge_lr)
-        self.dfa = DFA(net, DFAConfig(feedback_scale=c.feedback_scale, seed=c.seed + 1))
+        self.dfa = DFA(net, FFDFARule(feedback_scale=c.feedback_scale), seed + 1)
 
     def aux(self) -> dict[str, object]:
         return {"value": self.value, "bridges": self.bridges, "opt": self.opt}
@@ -78,7 +69,7 @@ class CreditBridge(Rule):
         return {"dfa_B": self.dfa.B, "dfa_scale": self.dfa.scale}
 
     def in_warmup(self) -> bool:
-        return self.epoch < self.cfg.warmup_frac * self.cfg.epochs
+        return self.epoch < self.cfg.warmup_frac * self.epochs
 
     def code(self, y: Tensor) -> Tensor:
         """The target as the value's second input: one-hot class (CE) or the target (MSE)."""

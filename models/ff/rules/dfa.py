@@ -21,31 +21,26 @@ this is plain DFA.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
+from models.config.ff import FFDFARule
 from models.ff.mlp import DeepMLP, act_rms, apply_credit, grad_norms
 from models.ff.rules.base import Rule
-
-
-@dataclass
-class DFAConfig:
-    feedback_scale: float = 1.0
-    seed: int = 0
 
 
 class DFA(Rule):
     name = "dfa"
 
-    def __init__(self, net: DeepMLP, cfg: DFAConfig | None = None) -> None:
-        super().__init__(net, cfg or DFAConfig())
+    def __init__(self, net: DeepMLP, cfg: FFDFARule | None = None, seed: int = 0) -> None:
+        super().__init__(net, cfg or FFDFARule(), seed)
         self.net: DeepMLP = net
         n, w, k = len(net.layer_names()), net.cfg.width, net.cfg.d_out
         # Unit-variance draws times a separate scale, so calibration can rescale in place.
         self.B = self.randn(n, w, k) / k**0.5
-        self.scale = torch.tensor(float(self.cfg.feedback_scale), dtype=self.dtype,
+        fs = self.cfg.feedback_scale
+        # "calibrated" starts at 1; the calibrate stage's value replaces it (ff_common)
+        self.scale = torch.tensor(1.0 if fs == "calibrated" else float(fs), dtype=self.dtype,
                                   device=self.device)
 
     def buffers(self) -> dict[str, Tensor]:

@@ -8,26 +8,20 @@ Each rule's head-only baseline is this rule on that rule's own network family.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor, nn
 
+from models.config.ff import FFHeadOnlyRule
 from models.ff.energy import EnergyMLP
 from models.ff.mlp import DeepMLP, act_rms, apply_credit, grad_norms
 from models.ff.rules.base import Rule
 
 
-@dataclass
-class HeadOnlyConfig:
-    seed: int = 0
-
-
 class HeadOnly(Rule):
     name = "head_only"
 
-    def __init__(self, net: nn.Module, cfg: HeadOnlyConfig | None = None) -> None:
-        super().__init__(net, cfg or HeadOnlyConfig())
+    def __init__(self, net: nn.Module, cfg: FFHeadOnlyRule | None = None, seed: int = 0) -> None:
+        super().__init__(net, cfg or FFHeadOnlyRule(), seed)
 
     def grads(self, x: Tensor, y: Tensor) -> dict[str, float]:
         net = self.net

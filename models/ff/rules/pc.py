@@ -46,32 +46,14 @@ stops adjacent precisions from oscillating (log 000).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.config.ff import FFPCRule
 from models.ff.mlp import DeepMLP, act_rms, apply_credit, grad_norms
 from models.ff.rules.base import Rule
-
-
-@dataclass
-class PCConfig:
-    settle_lr: float = 0.2  # gamma
-    settle_momentum: float = 0.9  # mu (heavy ball)
-    settle_iters: int = 100  # cap on settling steps (log 001: 30-40 early, 5-6 trained)
-    settle_tol: float = 2e-2  # residual: remaining fraction of the initial force
-    precision_init: float = 1.0
-    precision_floor: float = 0.1
-    precision_lr: float = 1e-2  # SGD on r; 0 freezes the precisions
-    precision_prior_rate: float = 0.1  # b: stable precision near 1 / (2b)
-    precision_damping: float = 1.0  # kappa
-    precision_ema: float = 0.99  # r_bar <- ema * r_bar + (1 - ema) * r
-    noise_std: float = 0.0
-    noise_anneal: float = 0.9  # per-epoch factor on the settling noise
-    output_weight: float = 1.0  # 1 = clamped output; << 1 only for the small-error-limit test
-    seed: int = 0
 
 
 def _inv_softplus(v: float) -> float:
@@ -81,8 +63,8 @@ def _inv_softplus(v: float) -> float:
 class PC(Rule):
     name = "pc"
 
-    def __init__(self, net: DeepMLP, cfg: PCConfig | None = None) -> None:
-        super().__init__(net, cfg or PCConfig())
+    def __init__(self, net: DeepMLP, cfg: FFPCRule | None = None, seed: int = 0) -> None:
+        super().__init__(net, cfg or FFPCRule(), seed)
         self.net: DeepMLP = net
         c = self.cfg
         if c.precision_init <= c.precision_floor:

@@ -8,26 +8,20 @@ head only (output-local); the top state h_L uses it directly (S_L is the identit
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor, nn
 
+from models.config.ff import FFStateBridgeRule
 from models.ff.mlp import DeepMLP, act_rms, apply_credit, grad_norms, make_block
 from models.ff.rules.base import Rule
-
-
-@dataclass
-class StateBridgeConfig:
-    bridge_lr: float = 1e-3  # Adam, internal
-    seed: int = 0
 
 
 class StateBridge(Rule):
     name = "state_bridge"
 
-    def __init__(self, net: DeepMLP, cfg: StateBridgeConfig | None = None) -> None:
-        super().__init__(net, cfg or StateBridgeConfig())
+    def __init__(self, net: DeepMLP, cfg: FFStateBridgeRule | None = None,
+                 seed: int = 0) -> None:
+        super().__init__(net, cfg or FFStateBridgeRule(), seed)
         self.net: DeepMLP = net
         self.bridges = self.build(
             lambda: nn.ModuleList(make_block(net.cfg) for _ in range(net.cfg.depth)))
