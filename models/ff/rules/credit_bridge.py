@@ -12,8 +12,12 @@ bridge matches the state bridge on the toy".) Losses, per sample l_i of the curr
        term_grad_weight = 1 is scale free),
 - R_l: mean (v(R_l(h_l)) - l_i)^2, stepping R_l only.
 
-Credit a_l = grad_{h_l} V_l(h_l), normalised a / (RMS(a) + 1e-6) over the layer's batch tensor,
-divided by the batch size (the batch-mean loss convention every rule uses). For the first
+Credit a_l = grad_{h_l} V_l(h_l), normalised a / (RMS(a) + 1e-6) over the layer's batch tensor
+(log 002), times RMS(dL/dh_L) of the batch-mean loss (output-local, from the head). The log's
+unit-RMS credit is ~100x BP's scale; with Adam, the jump from the DFA warm-up's BP-scaled
+credit to it left Adam's second-moment estimate lagging for hundreds of steps (effective step
+~10x lr) and MNIST-1D training stalled at 25%, below the head alone (issue 13). The direction
+and the equal RMS across layers are the log's. For the first
 ``warmup_frac`` of ``epochs`` the net is trained with DFA credit instead (the bridges keep
 learning) so the value net does not bootstrap from an untrained net (log 002).
 """
@@ -114,14 +118,16 @@ class CreditBridge(Rule):
                 "term/value_hidden": float(hidden.detach()) / max(len(self.bridges), 1)}
 
     def credits_from(self, hs: list[Tensor], y: Tensor) -> list[Tensor]:
-        b, code = hs[-1].shape[0], self.code(y)
+        code = self.code(y)
+        _, g_top = self.net.output_grad(hs[-1], y)
+        scale = g_top.pow(2).mean().sqrt()  # output-local: RMS of dL/dh_L
         maps = [*self.bridges, nn.Identity()]
         out = []
         with torch.enable_grad():
             for r, h in zip(maps, hs, strict=True):
                 hh = h.detach().requires_grad_(True)
                 (a,) = torch.autograd.grad(self.value(r(hh), code).sum(), hh)
-                out.append(a / (a.pow(2).mean().sqrt() + 1e-6) / b)
+                out.append(a / (a.pow(2).mean().sqrt() + 1e-6) * scale)
         return out
 
     def learn(self, x: Tensor, y: Tensor) -> dict[str, float]:
