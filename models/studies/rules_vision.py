@@ -48,7 +48,7 @@ class RulesVisionStudy:
         rule_cfg, model = cfg.rules[row], cfg.row_model(row)
         data = ff.split_val(load_split(cfg), cfg.task.val_fraction).to(device)
         d_in, d_out = data.x_fit.shape[1], int(data.y_fit.max()) + 1
-        if rule_cfg.kind == "ep":
+        if ff.uses_energy_net(rule_cfg):
             net = ff.make_net(seed, lambda: EnergyMLP(ff.energy_config(model, d_in, d_out)),
                               device)
         else:
