@@ -37,9 +37,11 @@ reports/gpu-short/README.md and tests/test_eqt_fast.py):
 - Two more parts of the recipe mattered at this scale. T2 = 20 steps (2 time units at eps 0.1)
   truncates the adjoint once training slows the contraction: with the per-token nudge and a
   controller on the final residual the cosine to BPTT fell to 0.70 (norm ratio 0.45) by step
-  1000 while |z*| stayed ~1.3; log 003's adaptive T2 (``adaptive_t2``, t2_max 60, its --t2sel
-  60) and a controller on the T1 residual (``StabiliserConfig.control = "t1"``: what BPTT's
-  unroll and evaluation see) are in the GPU profiles.
+  1000 while |z*| stayed ~1.3. The GPU profiles use log 003's adaptive T2 (``adaptive_t2``; its
+  --t2sel 60 still truncated the adjoint at 2 of 8 checkpoints, cos 0.89 / 0.92, so t2_max is
+  100: cos >= 0.979 global and >= 0.913 per attention group at every checkpoint of the 2k-step
+  protocol) and a controller on the T1 residual (``StabiliserConfig.control = "t1"``: what
+  BPTT's unroll and evaluation see).
 - Also found: jacreg's theta-gradient through ``torch.func.jvp`` is wrong when LN inputs depend
   on theta (qk-norm); jacreg now uses the closed-form J v (``models.eqt.stabilisers``).
 """
