@@ -11,7 +11,7 @@ CORES ?= all
 # Stage commands say `python -m stages.<name>`: run them with the venv's interpreter.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup report test lint bench clean-runs
+.PHONY: setup report test lint bench dag clean-runs
 
 setup: $(VENV)/.installed
 
@@ -42,8 +42,12 @@ test: setup
 lint: setup
 	$(BIN)/ruff check .
 
+# dvc.yaml is generated from models/dag.py (run after adding a study or changing imports)
+dag: setup
+	$(BIN)/python -m stages.dag
+
 bench: setup
 	$(BIN)/python bench/pipeline_timing.py
 
 clean-runs:
-	rm -rf runs data reports/FINDINGS.md reports/metrics.json reports/figures .snakemake
+	rm -rf runs data reports/FINDINGS.md reports/metrics.json reports/figures reports/curves .snakemake

@@ -27,8 +27,9 @@ rm -rf "$out" && mkdir -p "$out/runs"
 cp -r reports/FINDINGS.md reports/metrics.json reports/figures "$out/"
 for r in $ROWS; do
   mkdir -p "$out/runs/$r"
-  cp runs/eqt_lm/"$r"/seed0/diagnostics.json runs/eqt_lm/"$r"/calibration.json "$out/runs/$r/"
-  cp runs/eqt_lm/"$r"/seed0/log/*.jsonl "$out/runs/$r/"
+  cp runs/eqt_lm/diagnostics/"$r"/seed0.json "$out/runs/$r/diagnostics.json"
+  cp runs/eqt_lm/calibration/"$r".json "$out/runs/$r/calibration.json"
+  cp runs/eqt_lm/train/"$r"/seed0/log/*.jsonl "$out/runs/$r/"
   cp "runs/logs/$r.txt" "$out/runs/$r/stages.txt"
 done
 echo "${GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}" > "$out/COMMIT"

@@ -10,17 +10,16 @@ from typing import Any, TypeVar
 
 import typer
 
-from models.config import ConfigError, Params, load_params
-from models.data.sources import DataError
-from models.training.checkpoint import CheckpointError
+from models.config import Params, load_params
+from models.errors import CheckpointError, ConfigError, DataError, GuardStop
+from models.studies import STUDIES
 from models.training.device import limit_threads
-from models.training.segments import GuardStop
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", help="Parameter file (profiles "
-                             "from profiles/<name>.yaml are merged over it when BPFREE_PROFILE "
-                             "is set).")
+PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", help="Parameter file; the profile "
+                             "it names (key `profile`, or $BPFREE_PROFILE) is merged over it, "
+                             "then $BPFREE_OVERRIDES (JSON, set by the Snakefile from --config).")
 
 EXPECTED = (ConfigError, DataError, CheckpointError, GuardStop, ValueError, FileNotFoundError,
             KeyError)
@@ -49,3 +48,21 @@ def load(params_path: Path) -> Params:
     params = load_params(params_path)
     limit_threads(params.threads)
     return params
+
+
+def study_enabled(params: Params, study: str) -> bool:
+    """A study DVC knows (from params.yaml) that the active profile turned off: nothing to do."""
+    if study in params.enabled_studies():
+        return True
+    if study not in STUDIES:
+        raise KeyError(f"unknown study {study!r}; known: {sorted(STUDIES)}")
+    print(f"{study}: not enabled under profile {params.profile!r}; nothing to do")
+    return False
+
+
+def check_row(params: Params, study: str, row: str, seed: int | None = None) -> None:
+    rows = params.study(study).rows
+    if row not in rows:
+        raise ValueError(f"row {row!r} is not in studies.{study}.rows {rows}")
+    if seed is not None and seed not in params.seeds:
+        raise ValueError(f"seed {seed} is not in seeds {params.seeds}")

@@ -7,10 +7,11 @@ from pathlib import Path
 import typer
 
 from models import io
-from models.pipeline import RunSpec
+from models.config import Params
+from models.pipeline import calibration_file, calibration_identity, study_dir
 from models.studies import get_study
 from models.training.device import resolve_device
-from stages._cli import PARAMS_OPTION, app, clear_errors, load
+from stages._cli import PARAMS_OPTION, app, check_row, clear_errors, load, study_enabled
 
 cli = app(__doc__ or "")
 
@@ -18,20 +19,38 @@ cli = app(__doc__ or "")
 @cli.command()
 @clear_errors
 def main(study: str = typer.Option(..., help="Study key under params `studies`, e.g. eqt_lm."),
-         row: str = typer.Option(..., help="Row (learning rule) of that study, e.g. bp."),
+         row: str | None = typer.Option(
+             None, help="Row (learning rule) of that study, e.g. bp. Without it: every row "
+                        "whose calibration is missing or was made by another identity."),
          params: Path = PARAMS_OPTION) -> None:
-    """Write runs/<study>/<row>/calibration.json.
+    """Write runs/<study>/calibration/<row>.json.
 
     What is measured is the study's business (LM: initial loss vs ln V, activation RMS, an LR
     probe; EP: free-phase residual, step size and T1). A measurement that shows training cannot
-    work fails here with a message naming the param to change.
+    work fails here with a message naming the param to change. The file records its identity
+    (config, code, data hashes); a changed identity re-calibrates.
     """
     cfg = load(params)
-    if row not in cfg.study(study).rows:
-        raise ValueError(f"row {row!r} is not in studies.{study}.rows {cfg.study(study).rows}")
+    study_dir(study, "calibration").mkdir(parents=True, exist_ok=True)
+    if not study_enabled(cfg, study):
+        return
+    if row is not None:
+        check_row(cfg, study, row)
+        _calibrate(cfg, study, row)
+        return
+    for name in cfg.study(study).rows:
+        out = calibration_file(study, name)
+        if out.is_file() and io.read_json(out).get("identity") == calibration_identity(
+                cfg, study, name):
+            print(f"calibrate: {study}/{name} is current")
+            continue
+        _calibrate(cfg, study, name)
+
+
+def _calibrate(cfg: Params, study: str, row: str) -> None:
     result = get_study(study).calibrate(cfg, row, resolve_device(cfg.device))
-    out = RunSpec(study, row, 0).calibration
-    io.write_json(out, result)
+    out = calibration_file(study, row)
+    io.write_json(out, {**result, "identity": calibration_identity(cfg, study, row)})
     print(f"calibrate: {study}/{row} -> {out}")
 
 

@@ -5,16 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import torch
 import typer
 
 from models import io
-from models.health import Severity, run_all
-from models.pipeline import RunSpec, run_config, training_fingerprint
+from models.config import Params
+from models.health import Finding, Severity, calibration_extras, run_all
+from models.pipeline import RunSpec, diagnose_identity, run_config, run_identity, runs, study_dir
 from models.studies import get_study
 from models.training import checkpoint
 from models.training.device import resolve_device
 from models.training.segments import read_logs
-from stages._cli import PARAMS_OPTION, app, clear_errors, load
+from stages._cli import PARAMS_OPTION, app, check_row, clear_errors, load, study_enabled
 
 cli = app(__doc__ or "")
 
@@ -26,10 +28,15 @@ class HealthFailure(ValueError):
 @cli.command()
 @clear_errors
 def main(study: str = typer.Option(..., help="Study key under params `studies`."),
-         row: str = typer.Option(..., help="Row (learning rule) of that study."),
-         seed: int = typer.Option(..., help="Seed (one of params `seeds`)."),
+         row: str | None = typer.Option(None, help="Row (learning rule); without it, every "
+                                                   "row whose diagnostics are stale."),
+         seed: int | None = typer.Option(None, help="Seed (one of params `seeds`)."),
+         any_identity: bool = typer.Option(
+             False, "--any-identity", help="Diagnose checkpoints made under another run identity "
+             "(e.g. trained on another machine from another checkout); the report marks such "
+             "runs stale."),
          params: Path = PARAMS_OPTION) -> None:
-    """Write runs/<study>/<row>/seed<seed>/diagnostics.json.
+    """Write runs/<study>/diagnostics/<row>/seed<seed>.json.
 
     Metrics are computed on the held-out split (never the training windows); the training
     curves are summarised from the segment logs (best val CE, time per step, peak memory); the
@@ -37,14 +44,36 @@ def main(study: str = typer.Option(..., help="Study key under params `studies`."
     whatever they find unless params `health.fail_on` is error or fatal.
     """
     cfg = load(params)
-    spec = RunSpec(study, row, seed)
-    train_cfg = cfg.study(study).row_train(row)
-    last = train_cfg.n_segments - 1
-    state = checkpoint.load(spec.ckpt(last), fingerprint=training_fingerprint(cfg, spec),
+    study_dir(study, "diagnostics").mkdir(parents=True, exist_ok=True)
+    if not study_enabled(cfg, study):
+        return
+    if row is not None:
+        check_row(cfg, study, row, seed)
+    findings: list[Finding] = []
+    for spec in runs(cfg, study):
+        if row in (None, spec.row) and seed in (None, spec.seed):
+            findings += _diagnose(cfg, spec, force=row is not None, any_identity=any_identity)
+    if cfg.health.fail_on != "never":
+        worst = [f for f in findings if f.severity >= Severity.parse(cfg.health.fail_on)]
+        if worst:
+            raise HealthFailure(f"health.fail_on={cfg.health.fail_on}: {worst[0]}")
+
+
+def _diagnose(cfg: Params, spec: RunSpec, force: bool, any_identity: bool) -> list[Finding]:
+    train_cfg = cfg.study(spec.study).row_train(spec.row)
+    last_ckpt = spec.ckpt(train_cfg.n_segments - 1)
+    identity = diagnose_identity(cfg, spec, last_ckpt)
+    if not force and spec.diagnostics.is_file():
+        previous = io.read_json(spec.diagnostics)
+        if previous.get("identity") == identity:
+            print(f"diagnose: {spec.name()} is current")
+            return [Finding.from_dict(f) for f in previous.get("health", [])]
+    state = checkpoint.load(last_ckpt, identity=None if any_identity else run_identity(cfg, spec),
                             step=train_cfg.steps)
-    device = resolve_device(cfg.device)
-    impl = get_study(study)
-    trainer = impl.build_trainer(cfg, spec, io.read_json(spec.calibration), device)
+    device = _device(cfg.device)
+    impl = get_study(spec.study)
+    calibration = io.read_json(spec.calibration)
+    trainer = impl.build_trainer(cfg, spec, calibration, device)
     trainer.load_state_dict(state["trainer"])
     result = impl.diagnose(cfg, spec, trainer, device)
     logs = read_logs(spec.log_dir)
@@ -57,20 +86,28 @@ def main(study: str = typer.Option(..., help="Study key under params `studies`."
         "steps": train_cfg.steps,
     })
     config = run_config(cfg, spec)
-    extras = {**result.pop("extras", {}), "config_train": state.get("config") or config,
-              "config_eval": config}
+    extras = {**calibration_extras(calibration), **result.pop("extras", {}),
+              "config_train": state.get("config") or config, "config_eval": config,
+              "metrics": result["metrics"], "warmup_steps": train_cfg.warmup_steps}
     findings = run_all(pd.DataFrame.from_records(logs), extras, run=spec.name())
     result.update({"run": spec.name(), "run_dir": str(spec.dir), "config": config,
-                   "fingerprint": training_fingerprint(cfg, spec),
+                   "run_identity": state["identity"], "identity": identity,
                    "health": [f.to_dict() for f in findings]})
     io.write_json(spec.diagnostics, result)
     print(f"diagnose: {spec.name()} val {result['metrics']['val_loss']:.4f}, "
           f"{len(findings)} health findings -> {spec.diagnostics}")
     for finding in findings:
         print(f"  {finding}")
-    if cfg.health.fail_on != "never" and any(
-            f.severity >= Severity.parse(cfg.health.fail_on) for f in findings):
-        raise HealthFailure(f"health.fail_on={cfg.health.fail_on}: {findings[0]}")
+    return findings
+
+
+def _device(name: str) -> torch.device:
+    """The params' device, or the CPU when it names CUDA on a machine without one: a run trained
+    on a GPU is diagnosed on a laptop (checkpoints load with map_location='cpu')."""
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        print(f"diagnose: device {name!r} is not available here; diagnosing on the CPU")
+        return torch.device("cpu")
+    return resolve_device(name)
 
 
 if __name__ == "__main__":

@@ -63,3 +63,34 @@ def test_cli_bad_params_exit_2_one_message_no_outputs(project) -> None:
     assert "error:" in result.stderr and "bogus" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (project / "data").exists()
+
+
+def test_profile_key_overrides_and_precedence(tmp_path, monkeypatch) -> None:
+    """params.yaml < the profile it names < overrides; an override with an unknown key fails."""
+    (tmp_path / "profiles").mkdir()
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({**base, "profile": "p", "seeds": [7]}))
+    (tmp_path / "profiles" / "p.yaml").write_text("seeds: [1, 2]\nthreads: 2\n")
+    monkeypatch.delenv("BPFREE_PROFILE", raising=False)
+    monkeypatch.delenv("BPFREE_OVERRIDES", raising=False)
+    params = load_params(tmp_path / "params.yaml")
+    assert params.profile == "p" and params.seeds == [1, 2] and params.threads == 2
+    params = load_params(tmp_path / "params.yaml", overrides={"seeds": [3]})
+    assert params.seeds == [3] and params.threads == 2
+    monkeypatch.setenv("BPFREE_OVERRIDES", '{"studies": {"eqt_lm": {"train": {"lr": 0.002}}}}')
+    assert load_params(tmp_path / "params.yaml").studies.eqt_lm.train.lr == 0.002
+    monkeypatch.setenv("BPFREE_OVERRIDES", '{"studies": {"eqt_lm": {"train": {"lrr": 1}}}}')
+    with pytest.raises(ConfigError, match=r"overrides: unknown key 'studies.eqt_lm.train.lrr'"):
+        load_params(tmp_path / "params.yaml")
+    monkeypatch.delenv("BPFREE_OVERRIDES")
+    (tmp_path / "profiles" / "p.yaml").write_text("profile: q\n")
+    with pytest.raises(ConfigError, match="cannot name another profile"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_snakemake_config_becomes_only_the_changed_keys() -> None:
+    from models.config.params import changed_keys
+
+    raw = {"profile": "default", "seeds": [0], "studies": {"a": {"train": {"lr": 1, "steps": 2}}}}
+    merged = {"profile": "tiny", "seeds": [0], "studies": {"a": {"train": {"lr": 3, "steps": 2}}}}
+    assert changed_keys(merged, raw) == {"profile": "tiny", "studies": {"a": {"train": {"lr": 3}}}}

@@ -47,7 +47,7 @@ def _train(segment_steps: int, run_dir: str, calibration: dict) -> tuple[dict, l
     spec = RunSpec("eqt_lm", "ep", 0)
     study = get_study("eqt_lm")
     cfg = params.study("eqt_lm").row_train("ep")
-    fp = training_fingerprint(params, spec)
+    fp = {"config": training_fingerprint(params, spec)}  # a run identity (config part only)
     rows: list[dict] = []
     root = Path(run_dir)
     for index in range(cfg.n_segments):

@@ -42,7 +42,7 @@ def train_run(params, spec: RunSpec, root: Path) -> dict:
     study = get_study(spec.study)
     cal = study.calibrate(params, spec.row, CPU)
     cfg = params.study(spec.study).row_train(spec.row)
-    fp = training_fingerprint(params, spec)
+    fp = {"config": training_fingerprint(params, spec)}  # a run identity (config part only)
     for k in range(cfg.n_segments):
         rng.seed_everything(123)  # a fresh process per segment: global RNG must not matter
         trainer = study.build_trainer(params, spec, cal, CPU)

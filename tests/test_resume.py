@@ -36,7 +36,7 @@ def _train_in_process(spec: RunSpec, n_segments: int, tag: str) -> dict:
     limit_threads(params.threads)  # same reduction order as the stage processes
     cfg = params.study("eqt_lm").row_train("bp")
     study = get_study("eqt_lm")
-    fp = training_fingerprint(params, spec)
+    fp = {"config": training_fingerprint(params, spec)}  # a run identity (config part only)
     size = cfg.steps // n_segments
     prev = None
     for i in range(n_segments):

@@ -16,7 +16,6 @@ from models.config.params import (
     HealthConfig,
     Params,
     StudiesConfig,
-    dotted_to_nested,
     load_params,
     validate_params,
 )
@@ -24,5 +23,5 @@ from models.config.train import TrainConfig
 
 __all__ = ["PARAMS_FILE", "PROFILE_ENV", "ConfigError", "DataConfig", "HealthConfig",
            "Mnist1DDataConfig", "Params", "Strict", "StudiesConfig", "StudyConfig",
-           "TextDataConfig", "TokenizerConfig", "TrainConfig", "deep_merge", "dotted_to_nested",
+           "TextDataConfig", "TokenizerConfig", "TrainConfig", "deep_merge",
            "fingerprint", "load_params", "validate_params"]

@@ -141,10 +141,9 @@ class BPRule(Strict):
     model: dict[str, Any] = {}
 
 
-class BPTTRule(Strict):
-    """Backprop through the T1-step unroll of the equilibrium block (the exact-gradient control)."""
+class _EqRuleBase(Strict):
+    """What every rule on the equilibrium block shares: the block, its free phase, stabilisers."""
 
-    kind: Literal["bptt"] = "bptt"
     train: dict[str, Any] = {}
     model: dict[str, Any] = {}
     block: EqBlockConfig = EqBlockConfig()
@@ -153,17 +152,18 @@ class BPTTRule(Strict):
     fast: FastConfig = FastConfig()
 
 
-class EPRule(Strict):
+class BPTTRule(_EqRuleBase):
+    """Backprop through the T1-step unroll of the equilibrium block (the exact-gradient control)."""
+
+    kind: Literal["bptt"] = "bptt"
+
+
+class EPRule(_EqRuleBase):
     """Equilibrium propagation on the equilibrium block. ``cos_every``: steps between training-time
     measurements of cos(g_EP, g_BPTT) on the training batch (0 = off; each costs one EP and one
     BPTT gradient)."""
 
     kind: Literal["ep"] = "ep"
-    train: dict[str, Any] = {}
-    model: dict[str, Any] = {}
-    block: EqBlockConfig = EqBlockConfig()
-    relax: RelaxConfig = RelaxConfig()
-    stab: StabiliserConfig = StabiliserConfig()
     nudge: NudgeConfig = NudgeConfig()
     fast: FastConfig = FastConfig()
     cos_every: Annotated[int, Field(ge=0)] = 0

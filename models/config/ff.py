@@ -2,8 +2,8 @@
 ``rules_lq``).
 
 A study lists ``rows`` (names) and ``rules`` keyed by row name; ``kind`` picks the learning rule
-and the remaining keys are that rule's hyper-parameters (the fields of ``models.ff.rules.CONFIGS``
-minus ``seed``, which is the run's seed, and the credit bridge's ``epochs``, which is the run's).
+and the remaining keys are that rule's hyper-parameters (the ``FF*Rule`` classes below, which the
+library takes as they are).
 Training length is given in ``epochs`` over the fit split; ``row_train`` turns it into the
 step-based ``TrainConfig`` the segment driver uses (``steps``, ``segment_steps`` and a cosine that
 decays over the whole run).
@@ -21,50 +21,66 @@ from models.config.train import TrainConfig
 
 
 # ---------------------------------------------------------------- rules
+# These classes are also what the library takes (models.ff.rules imports them): one class per
+# rule, its hyper-parameters, defaults and validators defined here only. The rule's seed (the
+# run's) and, for the credit bridge, the run's epochs are constructor arguments, not fields.
 class _RuleBase(Strict):
-    train: dict[str, Any] = {}
+    train: dict[str, Any] = {}  # per-row overrides of the study's train / model
     model: dict[str, Any] = {}
-    epochs: Annotated[int, Field(gt=0)] | None = None  # None: the study's epochs
-
-    def library_fields(self) -> dict[str, Any]:
-        """The hyper-parameters models.ff.rules.CONFIGS[kind] takes (pipeline-only keys dropped)."""
-        return self.model_dump(exclude={"kind", "train", "model", "epochs", "calibrate_settle",
-                                        "pretrain_steps"})
+    epochs: Annotated[int, Field(gt=0)] | None = None  # None: the study's epochs (equal budgets)
 
 
 class FFBPRule(_RuleBase):
+    """Back-propagation (models.ff.rules.bp)."""
+
     kind: Literal["bp"] = "bp"
 
 
+class FFHeadOnlyRule(_RuleBase):
+    """Hidden layers frozen at init, only the readout learns (models.ff.rules.head_only): the
+    baseline each rule must beat on its own network family (``energy``: EP's energy net)."""
+
+    kind: Literal["head_only"] = "head_only"
+    net: Literal["mlp", "energy"] = "mlp"
+
+
 class FFDFARule(_RuleBase):
+    """Direct feedback alignment (models.ff.rules.dfa)."""
+
     kind: Literal["dfa"] = "dfa"
-    # "calibrated": RMS(B_l e) matched to BP's dL/dh_l at initialisation (calibrate stage)
+    # "calibrated": RMS of the credit matched to BP's dL/dh_l at initialisation (calibrate stage)
     feedback_scale: Annotated[float, Field(gt=0)] | Literal["calibrated"] = "calibrated"
 
 
 class FFDTPRule(_RuleBase):
+    """Difference target propagation (models.ff.rules.dtp)."""
+
     kind: Literal["dtp"] = "dtp"
-    eta: Annotated[float, Field(gt=0)] = 0.1
-    noise_std: Annotated[float, Field(gt=0)] = 0.1
-    inverse_lr: Annotated[float, Field(gt=0)] = 1e-3
-    inverse_steps: Annotated[int, Field(ge=1)] = 1
+    eta: Annotated[float, Field(gt=0)] = 0.1  # top target step on the per-sample output gradient
+    noise_std: Annotated[float, Field(gt=0)] = 0.1  # sigma of the inverse-training perturbation
+    inverse_lr: Annotated[float, Field(gt=0)] = 1e-3  # Adam, internal
+    inverse_steps: Annotated[int, Field(ge=1)] = 1  # inverse updates per training step
     pretrain_steps: Annotated[int, Field(ge=0)] = 200  # inverse pre-training before step 0
 
 
 class FFPCRule(_RuleBase):
+    """Predictive coding with a clamped output (models.ff.rules.pc, which says why)."""
+
     kind: Literal["pc"] = "pc"
-    beta: Annotated[float, Field(gt=0)] = 1.0
-    settle_lr: Annotated[float, Field(gt=0)] = 0.1
-    settle_iters: Annotated[int, Field(ge=1)] = 20
-    settle_tol: Annotated[float, Field(gt=0)] = 1e-4
+    settle_lr: Annotated[float, Field(gt=0)] = 0.2  # gamma (over max precision)
+    settle_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9  # heavy ball
+    settle_iters: Annotated[int, Field(ge=1)] = 100  # cap
+    settle_tol: Annotated[float, Field(gt=0, lt=1)] = 2e-2  # fraction of the initial force left
     precision_init: Annotated[float, Field(gt=0)] = 1.0
     precision_floor: Annotated[float, Field(gt=0)] = 0.1
-    precision_lr: Annotated[float, Field(ge=0)] = 1e-3
-    precision_damping: Annotated[float, Field(ge=0)] = 1.0
+    precision_lr: Annotated[float, Field(ge=0)] = 1e-2  # SGD on r; 0 freezes the precisions
+    precision_prior_rate: Annotated[float, Field(gt=0)] = 0.1  # b: stable point near 1 / (2b)
+    precision_damping: Annotated[float, Field(ge=0)] = 1.0  # kappa
     precision_ema: Annotated[float, Field(ge=0, lt=1)] = 0.99
     noise_std: Annotated[float, Field(ge=0)] = 0.0
-    noise_anneal: Annotated[float, Field(gt=0, le=1)] = 0.9
-    calibrate_settle: bool = True  # replace settle_lr / settle_iters by the calibrated ones
+    noise_anneal: Annotated[float, Field(gt=0, le=1)] = 0.9  # per-epoch factor on the noise
+    output_weight: Annotated[float, Field(gt=0, le=1)] = 1.0  # 1 = clamped; < 1 tests only
+    calibrate_settle: bool = True  # replace settle_lr by the calibrated one
 
     @model_validator(mode="after")
     def _floor(self) -> FFPCRule:
@@ -74,27 +90,37 @@ class FFPCRule(_RuleBase):
 
 
 class FFEPRule(_RuleBase):
+    """Equilibrium propagation on the energy net (models.ff.rules.ep)."""
+
     kind: Literal["ep"] = "ep"
-    beta: Annotated[float, Field(gt=0)] = 0.5
+    beta: Annotated[float, Field(gt=0)] = 0.5  # centered nudging (Laborieux et al. 2021)
     nudge_steps: Annotated[int, Field(ge=1)] = 20
 
 
 class FFStateBridgeRule(_RuleBase):
+    """State bridge (models.ff.rules.state_bridge)."""
+
     kind: Literal["state_bridge"] = "state_bridge"
-    bridge_lr: Annotated[float, Field(gt=0)] = 1e-3
+    bridge_lr: Annotated[float, Field(gt=0)] = 1e-3  # Adam, internal
 
 
 class FFCreditBridgeRule(_RuleBase):
+    """Credit bridge (models.ff.rules.credit_bridge)."""
+
     kind: Literal["credit_bridge"] = "credit_bridge"
-    bridge_lr: Annotated[float, Field(gt=0)] = 1e-3
+    bridge_lr: Annotated[float, Field(gt=0)] = 1e-3  # Adam, internal, value head and bridges
     d_value: Annotated[int, Field(gt=0)] = 256
     term_grad_weight: Annotated[float, Field(ge=0)] = 1.0
-    warmup_frac: Annotated[float, Field(ge=0, le=1)] = 0.2
+    warmup_frac: Annotated[float, Field(ge=0, le=1)] = 0.2  # DFA warm-up, fraction of epochs
     feedback_scale: Annotated[float, Field(gt=0)] | Literal["calibrated"] = "calibrated"
 
 
-FFRule = Annotated[FFBPRule | FFDFARule | FFDTPRule | FFPCRule | FFEPRule | FFStateBridgeRule
-                   | FFCreditBridgeRule, Field(discriminator="kind")]
+FFRule = Annotated[FFBPRule | FFHeadOnlyRule | FFDFARule | FFDTPRule | FFPCRule | FFEPRule
+                   | FFStateBridgeRule | FFCreditBridgeRule, Field(discriminator="kind")]
+RULE_CONFIGS: dict[str, type[_RuleBase]] = {
+    c.model_fields["kind"].default: c
+    for c in (FFBPRule, FFHeadOnlyRule, FFDFARule, FFDTPRule, FFPCRule, FFEPRule,
+              FFStateBridgeRule, FFCreditBridgeRule)}
 
 
 # ---------------------------------------------------------------- models and tasks
@@ -110,7 +136,8 @@ class FFModelConfig(Strict):
     energy_hidden: Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=1)] = [256]
     energy_act: Literal["hardsigmoid", "tanh", "sigmoid"] = "hardsigmoid"
     energy_dt: Annotated[float, Field(gt=0, le=1)] = 0.5
-    energy_free_steps: Annotated[int, Field(gt=0)] = 40
+    energy_free_steps: Annotated[int, Field(gt=0)] = 40  # cap on the free phase
+    energy_tol: Annotated[float, Field(ge=0)] = 1e-5  # free-phase relative residual to stop at
 
 
 class VisionTaskConfig(Strict):
@@ -151,7 +178,13 @@ class LQModelConfig(Strict):
 
 
 class LQTaskConfig(Strict):
-    d_in: Annotated[int, Field(gt=0)] = 16
+    """``system: fixed`` (log 002's toy): the linear system keeps its initial weights and only
+    the rules' credit estimators learn, scored against its exact costate. ``co_trained``: the
+    rule also trains the system (a different question: once it fits, the costate is noise).
+    d_in = d makes the hidden states full rank, so a map's Jacobian is identified by the data."""
+
+    system: Literal["fixed", "co_trained"] = "fixed"
+    d_in: Annotated[int, Field(gt=0)] = 32
     d_out: Annotated[int, Field(gt=0)] = 8
     n_train: Annotated[int, Field(gt=0)] = 4096
     n_test: Annotated[int, Field(gt=0)] = 1024
@@ -175,7 +208,8 @@ class _FFStudyBase(StudyConfig):
     def _rows_known(self) -> _FFStudyBase:
         check_rows(self.rows, self.rules)
         for name, rule in self.rules.items():
-            if rule.kind in self.forbidden_kinds:
+            energy = rule.kind == "ep" or getattr(rule, "net", "mlp") == "energy"
+            if rule.kind in self.forbidden_kinds or (energy and "ep" in self.forbidden_kinds):
                 raise ValueError(f"rules.{name}: kind {rule.kind!r} is not available in this "
                                  f"study (it needs another network family)")
             merge_checked(self.train, rule.train, f"rules.{name}.train")

@@ -28,6 +28,7 @@ S = TypeVar("S", bound=StudyConfig)
 PARAMS_FILE = Path("params.yaml")
 PROFILE_ENV = "BPFREE_PROFILE"
 OVERRIDES_ENV = "BPFREE_OVERRIDES"
+DEFAULT_PROFILE = "default"  # profiles/default.yaml: no changes
 
 
 class StudiesConfig(Strict):
@@ -46,7 +47,7 @@ class HealthConfig(Strict):
 class Params(Strict):
     """The root of params.yaml."""
 
-    profile: str | None = None
+    profile: str = DEFAULT_PROFILE
     seeds: Annotated[list[int], Field(min_length=1)] = [0, 1, 2]
     device: str = "auto"
     threads: Annotated[int, Field(gt=0)] = 1
@@ -87,19 +88,20 @@ def load_params(path: str | os.PathLike[str] = PARAMS_FILE, profile: str | None 
     if overrides is None:
         overrides = env_overrides()
     user = deep_merge(raw, overrides)
-    name = profile or overrides.get("profile") or os.environ.get(PROFILE_ENV) or raw.get("profile")
+    name = (profile or overrides.get("profile") or os.environ.get(PROFILE_ENV)
+            or raw.get("profile") or DEFAULT_PROFILE)
     source = str(path)
-    if name:
-        profile_path = profiles_dir(path) / f"{name}.yaml"
-        if not profile_path.is_file():
-            available = sorted(p.stem for p in profiles_dir(path).glob("*.yaml"))
-            raise ConfigError(f"profile {name!r}: {profile_path} not found; available: "
-                              f"{available}")
-        layer = read_yaml(profile_path)
-        if "profile" in layer:
-            raise ConfigError(f"{profile_path}: a profile cannot name another profile")
-        user = deep_merge(deep_merge(raw, layer), overrides)
-        user["profile"] = name
+    profile_path = profiles_dir(path) / f"{name}.yaml"
+    missing = not isinstance(name, str) or not profile_path.is_file()
+    if missing and name != DEFAULT_PROFILE:  # the default profile changes nothing: may be absent
+        available = sorted(p.stem for p in profiles_dir(path).glob("*.yaml"))
+        raise ConfigError(f"profile {name!r}: {profile_path} not found; available: {available}")
+    layer = {} if missing else read_yaml(profile_path)
+    if "profile" in layer:
+        raise ConfigError(f"{profile_path}: a profile cannot name another profile")
+    user = deep_merge(deep_merge(raw, layer), overrides)
+    user["profile"] = name
+    if name != DEFAULT_PROFILE:
         source = f"{path} + {profile_path}"
     if overrides:
         source += " + overrides"
@@ -123,17 +125,19 @@ def env_overrides() -> dict[str, Any]:
     return value
 
 
-def dotted_to_nested(flat: dict[str, Any]) -> dict[str, Any]:
-    """``{"studies.eqt_lm.train.lr": 0.002}`` -> ``{"studies": {"eqt_lm": {"train": ...}}}``."""
+def changed_keys(new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
+    """The part of ``new`` that differs from ``old`` (nested): what ``--config`` overrode.
+
+    Snakemake merges ``--config`` into params.yaml's mapping; only the changed leaves are
+    overrides, so that a profile's values are not reset to params.yaml's."""
     out: dict[str, Any] = {}
-    for key, value in flat.items():
-        parts = key.split(".")
-        node = out
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {key!r} conflicts with another override")
-        node[parts[-1]] = value
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(old.get(key), dict):
+            sub = changed_keys(value, old[key])
+            if sub:
+                out[key] = sub
+        elif key not in old or old[key] != value:
+            out[key] = value
     return out
 
 

@@ -12,10 +12,7 @@ from pathlib import Path
 from models import io
 from models.config import TextDataConfig
 from models.data.stories import generate_corpus
-
-
-class DataError(RuntimeError):
-    """A data problem (missing file, wrong checksum), with the path and what to do."""
+from models.errors import DataError
 
 
 def load_text(cfg: TextDataConfig, cache_dir: Path) -> tuple[str, dict[str, str]]:

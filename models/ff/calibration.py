@@ -4,7 +4,7 @@
   the ratio of top- to bottom-layer target-difference norm (1 = no vanishing or exploding targets
   through depth; log 000 saw 0.8^5 = 0.33 of the signal survive).
 - ``calibrate_pc``: the largest settling step (from a grid) whose settling reaches the
-  equilibrium tolerance, and the iterations it needs; sets them on the rule.
+  equilibrium tolerance within the iteration cap; sets it on the rule.
 - ``dfa_feedback_scale``: the feedback scale that makes RMS(B_l e) equal the RMS of BP's
   dL/dh_l (averaged over layers); sets it on the rule.
 """
@@ -50,23 +50,19 @@ def calibrate_dtp(rule: DTP, x: Tensor, y: Tensor, steps: int = 200,
 
 
 def calibrate_pc(rule: PC, x: Tensor, y: Tensor,
-                 step_sizes: Sequence[float] = (0.4, 0.2, 0.1, 0.05, 0.02),
-                 max_iters: int = 200, tol: float = 1e-4) -> dict[str, float]:
-    """Largest stable settling step reaching ``tol`` within ``max_iters``; sets settle_lr/iters.
-
-    Raises if none converges (the energy or the tolerance is mis-specified).
-    """
-    old = (rule.cfg.settle_lr, rule.cfg.settle_iters, rule.cfg.settle_tol)
-    rule.cfg.settle_iters, rule.cfg.settle_tol = max_iters, tol
+                 step_sizes: Sequence[float] = (0.4, 0.2, 0.1, 0.05)) -> dict[str, float]:
+    """Largest settling step whose settling reaches the rule's tolerance within its iteration
+    cap at initialisation; sets settle_lr. Raises if none does (energy or tolerance wrong)."""
+    old = rule.cfg
     for lr in sorted(step_sizes, reverse=True):
-        rule.cfg.settle_lr = lr
+        rule.cfg = old.model_copy(update={"settle_lr": lr})
         _, iters, res = rule.settle(x, y)
-        if res <= tol:
-            rule.cfg.settle_iters = iters + max(2, iters // 2)  # head-room as training drifts
+        if res <= rule.cfg.settle_tol:
             return {"settle_lr": lr, "settle_iters": float(iters), "residual": res}
-    rule.cfg.settle_lr, rule.cfg.settle_iters, rule.cfg.settle_tol = old
-    raise RuntimeError(f"PC settling reached tol={tol} within {max_iters} iterations for none of "
-                       f"the step sizes {list(step_sizes)}")
+    rule.cfg = old
+    raise RuntimeError(f"PC settling reached tol={rule.cfg.settle_tol} within "
+                       f"{rule.cfg.settle_iters} iterations for none of the step sizes "
+                       f"{list(step_sizes)}")
 
 
 def dfa_feedback_scale(rule: DFA, x: Tensor, y: Tensor) -> dict[str, float]:

@@ -8,8 +8,13 @@ clamped, free layers s_1..s_N and rho a bounded nonlinearity, per sample:
 
 The readout logits = W_out rho(s_N) + b_out is a plain layer (Laborieux et al. 2021): it enters
 the nudged energy through beta * loss but not E, so the free state does not depend on it.
-Inference: gradient descent s <- s - dt dF/ds from s = 0 for ``free_steps`` steps (or until the
-relative residual <= ``tol``), F = E + beta * loss.
+
+Inference: projected gradient descent s <- P(s - dt dF/ds), F = E + beta * loss, from s = 0 for
+at most ``free_steps`` steps, stopping once the relative residual ||s_new - s|| / ||s|| <= ``tol``.
+With the hard sigmoid, P clips every state to [0, 1] as Scellier & Bengio (2017) do: outside the
+box rho is flat, so the unprojected dynamics of a unit past the kink see a different force on
+each side of it and chatter (residual stuck at 0.2 in issue 13); on the box the energy is a
+smooth quadratic and the projected descent converges. Smooth activations are not projected.
 """
 
 from __future__ import annotations
@@ -82,9 +87,26 @@ class EnergyMLP(nn.Module):
             e = e + beta * self.per_sample_loss(self.readout(s[-1]), y).sum()
         return e
 
+    def project(self, s: list[Tensor]) -> list[Tensor]:
+        """Clip to [0, 1] for the hard sigmoid (the box where rho is not flat); else identity."""
+        return [t.clamp(0.0, 1.0) for t in s] if self.cfg.act == "hardsigmoid" else s
+
+    def step(self, x: Tensor, s: list[Tensor], y: Tensor | None = None, beta: float = 0.0,
+             currents: list[Tensor] | None = None, create_graph: bool = False) -> list[Tensor]:
+        """One projected descent step on F - sum_k <currents_k, s_k>; ``s`` must require grad.
+
+        ``currents`` (external inputs to each layer) and ``create_graph`` serve the reference
+        gradient of models.studies.ff_common, which back-propagates through the unrolled phase.
+        """
+        f = self.total_energy(x, s, y, beta)
+        if currents is not None:
+            f = f - sum((c * t).sum() for c, t in zip(currents, s, strict=True))
+        grads = torch.autograd.grad(f, s, create_graph=create_graph)
+        return self.project([t - self.cfg.dt * g for t, g in zip(s, grads, strict=True)])
+
     def relax(self, x: Tensor, steps: int, y: Tensor | None = None, beta: float = 0.0,
               s0: list[Tensor] | None = None) -> tuple[list[Tensor], float]:
-        """Gradient descent on F; returns (states, last relative residual)."""
+        """Projected descent on F; returns (states, last relative residual ||s_new - s||/||s||)."""
         if s0 is None:
             s = [x.new_zeros(x.shape[0], d) for d in self.cfg.hidden]
         else:
@@ -92,16 +114,15 @@ class EnergyMLP(nn.Module):
         res = float("inf")
         with torch.enable_grad():
             for _ in range(steps):
-                s = [t.detach().requires_grad_(True) for t in s]
-                grads = torch.autograd.grad(self.total_energy(x, s, y, beta), s)
-                with torch.no_grad():
-                    num = sum(float(g.pow(2).sum()) for g in grads) ** 0.5 * self.cfg.dt
-                    den = sum(float(t.pow(2).sum()) for t in s) ** 0.5
-                    res = num / (den + 1e-12)
-                    s = [t - self.cfg.dt * g for t, g in zip(s, grads, strict=True)]
+                s_in = [t.detach().requires_grad_(True) for t in s]
+                new = [t.detach() for t in self.step(x, s_in, y, beta)]
+                num = sum(float((a - b).pow(2).sum()) for a, b in zip(new, s, strict=True))
+                den = sum(float(t.pow(2).sum()) for t in new)
+                res = (num / (den + 1e-24)) ** 0.5
+                s = new
                 if res <= self.cfg.tol:
                     break
-        return [t.detach() for t in s], res
+        return s, res
 
     def states(self, x: Tensor) -> list[Tensor]:
         return self.relax(x, self.cfg.free_steps)[0]

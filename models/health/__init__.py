@@ -12,6 +12,19 @@ log (one row per logged step, CONVENTIONS prefixes); ``extras`` holds diagnostic
 - ``outputs`` (strings or array) and ``soft_tokens`` (array [N, ...]) -> output_collapse
 - ``rms``: {connection: (rms_fed, rms_expected)} -> magnitude_mismatch
 - ``config_train`` / ``config_eval``: resolved config dicts incl. prompts -> config_drift
+- ``chance`` (+ ``chance_what``, ``untrained_loss``): the uninformed loss -> worse_than_chance;
+  it also sets the frozen_explosion loss bound (1.5 chance) when ``loss_limit`` is not given
+- ``baselines`` (``progress.Baseline`` dicts) and ``metrics`` (held-out) -> learns_nothing
+- ``metrics`` cosines (``cos/*``, ``gamma/*``) and ``warmup_steps`` -> estimator_sign;
+  ``self_coherence_groups`` (+ ``_ref``) -> estimator_sign per group
+
+``calibration_extras`` turns what calibration recorded (``calibration.json["health"]``) into
+these keys. Detectors on the trace alone: runaway_norms, divergence, settling_at_cap.
+
+Severities: fatal = the run's numbers are meaningless (NaN, a frozen or far-above-chance
+explosion, norms up 1000x; the live guard stops on these); error = the row's result is suspect
+(it learned nothing, diverged, an estimator points uphill, a loop never settles); warning = look
+at it; info = context.
 """
 
 from __future__ import annotations
@@ -29,7 +42,9 @@ from models.health.dynamics import (
     limit_cycle,
     loss_limit_for,
     residual_growth,
+    settling_at_cap,
 )
+from models.health.estimators import estimator_sign, group_self_coherence
 from models.health.finding import Finding, Severity, worst_first
 from models.health.guard import fatal_findings, live_guard
 from models.health.losses import (
@@ -39,21 +54,47 @@ from models.health.losses import (
     no_gradient_path,
     non_finite,
 )
+from models.health.norms import runaway_norms
 from models.health.outputs import magnitude_mismatch, output_collapse
 from models.health.precision import precision_collapse, precision_instability
+from models.health.progress import divergence, learns_nothing, worse_than_chance
 from models.health.signals import low_coverage, vanishing_through_depth
 
-__all__ = ["Finding", "Severity", "fatal_findings", "live_guard", "run_all"]
+__all__ = ["Finding", "Severity", "calibration_extras", "fatal_findings", "live_guard",
+           "run_all"]
+
+
+def calibration_extras(calibration: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``chance``, ``chance_what``, ``untrained_loss`` and ``baselines`` from a calibration.json;
+    older calibrations without a ``health`` block still give chance = ln V from ``ln_vocab``."""
+    cal = dict(calibration or {})
+    out: dict[str, Any] = dict(cal.get("health") or {})
+    if "chance" not in out and cal.get("ln_vocab"):
+        out["chance"] = float(cal["ln_vocab"])
+        out.setdefault("chance_what", f"ln V = {out['chance']:.3f}, a uniform next-token guess")
+    return out
 
 
 def run_all(trace: pd.DataFrame, extras: Mapping[str, Any] | None = None, *,
             run: str = "") -> list[Finding]:
     """Every applicable detector with default thresholds; findings worst first, tagged ``run``."""
     ex = dict(extras or {})
-    limit = ex.get("loss_limit") or loss_limit_for(ex.get("vocab_size"))
+    chance = ex.get("chance")
+    limit = ex.get("loss_limit") or (1.5 * chance if chance else
+                                     loss_limit_for(ex.get("vocab_size")))
+    metrics = ex.get("metrics") or {}
     found = [
         *non_finite(trace),
         *frozen_explosion(trace, loss_limit=limit),
+        *(worse_than_chance(trace, chance, what=ex.get("chance_what", ""),
+                            untrained=ex.get("untrained_loss")) if chance else []),
+        *divergence(trace),
+        *runaway_norms(trace),
+        *estimator_sign(trace, metrics, warmup_steps=int(ex.get("warmup_steps", 0))),
+        *group_self_coherence(ex.get("self_coherence_groups") or {},
+                              ex.get("self_coherence_groups_ref"), metrics),
+        *learns_nothing(metrics, ex.get("baselines") or ()),
+        *settling_at_cap(trace),
         *vanishing_through_depth(trace, "target/"),
         *low_coverage(trace, ex.get("coverage_slots")),
         *precision_instability(trace),

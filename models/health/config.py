@@ -9,7 +9,10 @@ from typing import Any
 from models.health.finding import Finding, Severity
 
 # Keys that legitimately differ between training and evaluation (matched on dotted key and leaf).
-DEFAULT_IGNORE = ("*seed", "*batch_size", "*dropout*", "*steps", "*shuffle")
+# device/threads say where a run is computed, not what (a GPU run diagnosed on a laptop is no
+# drift); live_guard only decides whether a segment may be stopped early.
+DEFAULT_IGNORE = ("*seed", "*batch_size", "*dropout*", "*steps", "*shuffle", "device", "threads",
+                  "*live_guard")
 
 
 def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -43,11 +43,12 @@ def residual_growth(trace: pd.DataFrame, *, max_residual: float = 1e-2, growth: 
         severity = Severity.WARNING
     else:
         return []
+    trend = (f"grew from best {best:.3g} early to {now:.3g} late ({ratio:.3g}x"
+             if ratio > 1 else f"stays at {now:.3g} late (best early {best:.3g}")
     return [Finding(
         detector="residual_growth", severity=severity,
-        message=(f"free-phase residual grew from best {best:.3g} early to {now:.3g} late "
-                 f"({ratio:.3g}x; gate-level is {max_residual:g}): the fixed point is losing "
-                 "contraction"),
+        message=(f"free-phase residual {trend}; gate-level is {max_residual:g}): the fixed point "
+                 + ("is losing contraction" if ratio > 1 else "is not reached")),
         where="trace column residual; the block's Jacobian (abscissa), jacreg/resreg strength",
         evidence={"best_early": best, "late": now, "ratio": ratio})]
 
@@ -79,27 +80,107 @@ def limit_cycle(curve: Sequence[float], *, tol: float = 1e-4, tail_fraction: flo
         evidence={"final": final, "tail_decay": decay, "steps": float(r.size)})]
 
 
+# float32's machine epsilon: the state dtype of every trainer (bf16 runs would be coarser still).
+FLOAT32_EPS = float(np.finfo(np.float32).eps)
+
+
 def frozen_explosion(trace: pd.DataFrame, *, loss_limit: float = DEFAULT_LOSS_LIMIT,
-                     zero_residual: float = 0.0) -> list[Finding]:
-    """``residual`` exactly 0 together with ``loss`` above ``loss_limit``: eps F < ulp(z) froze an
-    exploded state (log 003), which looks converged but is not."""
+                     resolution: float = 10 * FLOAT32_EPS) -> list[Finding]:
+    """A free-phase ``residual`` at or below the float resolution of the state together with a
+    ``loss`` above ``loss_limit``: eps F < ulp(z) froze an exploded state (log 003), which reads
+    as converged but is not (the issue's EP run: res 3e-8 with loss 38.5).
+
+    ``resolution=10 * eps(float32)`` (1.2e-6): res = |eps F| / |z| is the relative step; at a
+    few ulps per element rounding decides whether z moves at all, so such a residual says
+    nothing about convergence; a healthy relaxation stops at its res_target (1e-4) or decays
+    there with a loss near its best. The loss condition keeps genuinely tight fixed points of
+    a good model silent. ``act/z_star`` growth is quoted when logged.
+    """
     if "residual" not in trace.columns or "loss" not in trace.columns:
         return []
     res = pd.to_numeric(trace["residual"], errors="coerce").to_numpy(dtype=float)
     loss = pd.to_numeric(trace["loss"], errors="coerce").to_numpy(dtype=float)
-    hit = np.flatnonzero((np.abs(res) <= zero_residual) & (loss > loss_limit))
+    hit = np.flatnonzero((np.abs(res) <= resolution) & (loss > loss_limit))
     if hit.size == 0:
         return []
     steps = trace["step"].to_numpy() if "step" in trace.columns else np.arange(len(trace))
     first = int(hit[0])
+    state = ""
+    ev = {"loss": float(loss[first]), "residual": float(res[first]),
+          "step": float(steps[first]), "rows": float(hit.size)}
+    if "act/z_star" in trace.columns:
+        z = pd.to_numeric(trace["act/z_star"], errors="coerce").to_numpy(dtype=float)
+        ok = np.flatnonzero(np.isfinite(z))
+        if ok.size:
+            state = f"; |z*| RMS {z[ok[0]]:.3g} at step {steps[ok[0]]} -> {z[first]:.3g}"
+            ev["z_star"] = float(z[first])
     return [Finding(
         detector="frozen_explosion", severity=Severity.FATAL,
-        message=(f"residual == {res[first]:g} with loss {loss[first]:.4g} > {loss_limit:.3g} "
-                 f"from step {steps[first]} ({hit.size} rows): an explosion disguised as "
+        message=(f"residual {res[first]:.3g} <= {resolution:.2g} (float32 resolution of the "
+                 f"state) with loss {loss[first]:.4g} > {loss_limit:.3g} from step "
+                 f"{steps[first]} ({hit.size} rows){state}: an explosion disguised as "
                  "convergence (eps*F below ulp(z))"),
-        where="trace columns residual, loss; the state norm |z| and the jacreg floor",
-        evidence={"loss": float(loss[first]), "step": float(steps[first]),
-                  "rows": float(hit.size)})]
+        where="trace columns residual, loss, act/z_star; the state norm |z*| and the jacreg floor",
+        evidence=ev)]
+
+
+def settling_at_cap(trace: pd.DataFrame, *, default_tol: float = 1e-3,
+                    min_rows: int = 2) -> list[Finding]:
+    """Relaxation / settling loops that end at their iteration cap above their tolerance.
+
+    A loop declares itself with ``settle/<loop>/tol`` (its tolerance; 0 = a fixed-step loop)
+    and optionally ``settle/<loop>/cap``; its final relative residual is
+    ``settle/<loop>/residual``, else the row's ``residual``, its iterations
+    ``settle/<loop>/iters``, else ``settle_iters``. A loop stops as soon as the residual is at
+    or below tol, so ending above it means it ran out of iterations. Warning when that happens
+    on most (>50%) logged steps, error on all: the "equilibrium" the rule's gradient assumes was
+    never reached (the issue's PC: cap on every step, residual 0.02-0.027 vs tol 3e-3).
+    ``default_tol=1e-3`` judges fixed-step loops: the state still moves 0.1% per step there, i.e.
+    tens of percent over another relaxation of the same length. ``min_rows=2``: each logged row
+    samples one step's loop; the default rules_vision PC logs two rows, both at the cap.
+    """
+    out = []
+    loops = sorted({c.split("/")[1] for c in trace.columns
+                    if isinstance(c, str) and c.startswith("settle/") and c.endswith("/tol")})
+    for loop in loops:
+        res_col = f"settle/{loop}/residual"
+        res_col = res_col if res_col in trace.columns else "residual"
+        if res_col not in trace.columns:
+            continue
+        frame = pd.DataFrame({
+            "res": pd.to_numeric(trace[res_col], errors="coerce"),
+            "tol": pd.to_numeric(trace[f"settle/{loop}/tol"], errors="coerce")})
+        frame.index = trace["step"].to_numpy() if "step" in trace.columns else trace.index
+        frame = frame.dropna()
+        if len(frame) < min_rows:
+            continue
+        tol = frame["tol"].where(frame["tol"] > 0, default_tol)
+        capped = (frame["res"] > tol).to_numpy()
+        share = float(capped.mean())
+        if share <= 0.5:
+            continue
+        iters_col = next((c for c in (f"settle/{loop}/iters", "settle_iters")
+                          if c in trace.columns), None)
+        cap_col = f"settle/{loop}/cap"
+        detail = ""
+        if iters_col is not None and cap_col in trace.columns:
+            it = pd.to_numeric(trace[iters_col], errors="coerce").median()
+            cap = pd.to_numeric(trace[cap_col], errors="coerce").median()
+            detail = f", median {it:.0f} iterations of a cap of {cap:.0f}"
+        res = frame["res"].to_numpy()[capped]
+        steps = frame.index.to_numpy()[capped]
+        out.append(Finding(
+            detector="settling_at_cap",
+            severity=Severity.ERROR if capped.all() else Severity.WARNING,
+            message=(f"{loop} loop ends at its iteration cap above tolerance "
+                     f"{float(tol.median()):.2g} on {int(capped.sum())} of {capped.size} logged "
+                     f"steps ({share:.0%}; steps {steps[0]}-{steps[-1]}), residual "
+                     f"{float(res.min()):.3g}-{float(res.max()):.3g}{detail}"),
+            where=f"settle/{loop}/* and {res_col}; the loop's step size and iteration cap "
+                  "(calibration) or the energy it descends",
+            evidence={"share": share, "residual_median": float(np.median(res)),
+                      "tol": float(tol.median()), "rows": float(capped.size)}))
+    return out
 
 
 def ep_self_coherence(values: Sequence[float], reference: Sequence[float] | None = None, *,

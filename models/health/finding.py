@@ -46,6 +46,13 @@ class Finding:
                 "message": self.message, "where": self.where,
                 "evidence": dict(self.evidence), "run": self.run}
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, object]) -> Finding:
+        """The inverse of ``to_dict`` (findings read back from diagnostics.json)."""
+        return cls(detector=str(d["detector"]), severity=Severity.parse(str(d["severity"])),
+                   message=str(d["message"]), where=str(d["where"]),
+                   evidence=dict(d.get("evidence") or {}), run=str(d.get("run", "")))
+
     def __str__(self) -> str:
         run = f" [{self.run}]" if self.run else ""
         return f"{self.severity}: {self.detector}{run}: {self.message} (look at {self.where})"

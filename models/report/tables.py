@@ -8,6 +8,8 @@ from typing import Any
 
 import pandas as pd
 
+from models.config import fingerprint
+
 
 def load_diagnostics(paths: list[Path]) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in paths]
@@ -19,7 +21,7 @@ def metrics_frame(diagnostics: list[dict[str, Any]]) -> pd.DataFrame:
     for d in diagnostics:
         cfg = d["config"]
         records.append({"study": cfg["study"], "row": cfg["row"], "seed": cfg["seed"],
-                        "run_dir": d["run_dir"], "fingerprint": d["fingerprint"],
+                        "run_dir": d["run_dir"], "identity": fingerprint(d["run_identity"]),
                         **{k: v for k, v in d["metrics"].items() if isinstance(v, (int, float))}})
     return pd.DataFrame.from_records(records)
 

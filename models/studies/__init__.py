@@ -1,24 +1,46 @@
 """Studies: each defines how to build, calibrate, train and diagnose one run of a row.
 
-To add a study, write ``models/studies/<name>.py`` with a class implementing ``Study`` and register
-it in ``STUDIES`` below; add its config class in ``models/config.py``.
+The registry below is the one list of studies. Each is imported only when asked for
+(``get_study``), so a stage that works on one study runs, and depends on (``models.identity``),
+that study's code alone. To add a study, write ``models/studies/<name>.py`` with a class
+implementing ``Study``, add it here with the prepared data it reads, add its config class to
+``models/config/`` and an optional field to ``StudiesConfig``, then `python -m stages.dag`.
 """
 
 from __future__ import annotations
 
+import importlib
+from dataclasses import dataclass
+
 from models.studies.base import Study, Trainer
-from models.studies.eqt_lm import EqtLMStudy
-from models.studies.rules_ladder import RulesLadderStudy
-from models.studies.rules_lq import RulesLQStudy
-from models.studies.rules_vision import RulesVisionStudy
 
-STUDIES: dict[str, Study] = {"eqt_lm": EqtLMStudy(), "rules_vision": RulesVisionStudy(),
-                             "rules_ladder": RulesLadderStudy(), "rules_lq": RulesLQStudy()}
 
-__all__ = ["STUDIES", "Study", "Trainer", "get_study"]
+@dataclass(frozen=True)
+class StudyEntry:
+    cls: str                    # the Study class in models/studies/<name>.py
+    datasets: tuple[str, ...]   # prepared data it reads: "tokens", "mnist1d" (none: generated)
+
+
+STUDIES: dict[str, StudyEntry] = {
+    "eqt_lm": StudyEntry("EqtLMStudy", ("tokens",)),
+    "rules_vision": StudyEntry("RulesVisionStudy", ("mnist1d",)),
+    "rules_ladder": StudyEntry("RulesLadderStudy", ()),
+    "rules_lq": StudyEntry("RulesLQStudy", ()),
+}
+
+__all__ = ["STUDIES", "Study", "StudyEntry", "Trainer", "get_study", "study_datasets"]
+
+
+def study_datasets(name: str) -> tuple[str, ...]:
+    return _entry(name).datasets
 
 
 def get_study(name: str) -> Study:
+    module = importlib.import_module(f"models.studies.{name}")
+    return getattr(module, _entry(name).cls)()
+
+
+def _entry(name: str) -> StudyEntry:
     if name not in STUDIES:
         raise KeyError(f"unknown study {name!r}; known: {sorted(STUDIES)}")
     return STUDIES[name]

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
+if TYPE_CHECKING:  # annotations only: the registry (models.studies) stays free of torch
+    import torch
 
-from models.config import Params
-from models.pipeline import RunSpec
+    from models.config import Params
+    from models.pipeline import RunSpec
 
 
 class Trainer(Protocol):
@@ -34,7 +35,6 @@ class Study(Protocol):
 
     name: str
     title: str
-    datasets: tuple[str, ...]  # which prepare outputs it reads: "tokens", ...
     columns: tuple[tuple[str, str], ...]  # (metric key, label) of the result table, in order
     plots: tuple[tuple[str, str], ...]  # (logged key, label): one learning-curve figure each
 

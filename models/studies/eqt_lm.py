@@ -37,6 +37,7 @@ from models.eqt.model import EqShape, EquilibriumLM, gradients
 from models.eqt.stabilisers import JacregController
 from models.nets.transformer import TransformerLM, TransformerShape
 from models.pipeline import RunSpec, tokens_dir
+from models.studies import baselines
 from models.training import rng
 from models.training.ema import EMA
 
@@ -205,6 +206,9 @@ class EquilibriumTrainer:
         out.update({k: float(v) for k, v in stats.items() if not k.startswith("grad/")})
         out["grad_norm"] = float(grad_norm)
         out["grad/global"] = stats["grad/global"]
+        if isinstance(self.rule, EPRule):  # the free phase behind residual/settle_iters
+            out["settle/free/tol"] = self.model.relax_cfg.res_target
+            out["settle/free/cap"] = float(self.model.relax_cfg.t1max)
         if self.controller is not None:
             out["lambda"] = self.controller.lam  # after this step's update (what the next uses)
         return out
@@ -282,7 +286,6 @@ def _param_stats_from(model: torch.nn.Module, before: dict[str, torch.Tensor],
 class EqtLMStudy:
     name = "eqt_lm"
     title = "eqt-lm: language modelling, BP transformer vs equilibrium propagation"
-    datasets = ("tokens",)
     columns = (("best_val_loss", "best val CE"), ("final_val_loss", "final val CE"),
                ("residual", "final residual"), ("cos_bptt", "cos to BPTT"),
                ("ms_per_step", "ms/step"), ("peak_mem_mb", "peak MB"))
@@ -320,6 +323,7 @@ class EqtLMStudy:
             "ln_vocab": ln_v, "init_val_loss": init_loss, "init_over_ln_vocab": init_loss / ln_v,
             "act_rms": act, "lr_probe": {"lr": train_cfg.lr, "steps": probe_steps,
                                          "first_loss": losses[0], "last_loss": losses[-1]},
+            "health": _lm_baselines(trainer.val, init_loss),
         }
         _check_init_loss(init_loss, ln_v)
         if not math.isfinite(losses[-1]) or losses[-1] > losses[0]:
@@ -339,7 +343,8 @@ class EqtLMStudy:
         init_loss = trainer.val_loss(4)
         _check_init_loss(init_loss, ln_v)
         return {**result, "ln_vocab": ln_v, "init_val_loss": init_loss,
-                "init_over_ln_vocab": init_loss / ln_v}
+                "init_over_ln_vocab": init_loss / ln_v,
+                "health": _lm_baselines(trainer.val, init_loss)}
 
     def diagnose(self, params: Params, spec: RunSpec,
                  trainer: BPTransformerTrainer | EquilibriumTrainer,
@@ -370,6 +375,12 @@ class EqtLMStudy:
         return result
 
 
+def _lm_baselines(val: np.ndarray, init_loss: float) -> dict[str, Any]:
+    """What every row must beat (models.studies.baselines): ln V, unigram, untrained net."""
+    return baselines.language_model(read_tokens(tokens_dir() / "train.bin"), val, vocab_size(),
+                                    init_loss)
+
+
 def _check_init_loss(init_loss: float, ln_v: float) -> None:
     if abs(init_loss / ln_v - 1) > 0.1:
         raise ValueError(f"calibration: initial val loss {init_loss:.3f} is not within 10% of "
@@ -385,7 +396,7 @@ def _diagnose_eq(trainer: EquilibriumTrainer, device: torch.device, result: dict
     stream = TokenStream(trainer.val, model.shape.block_size, trainer.cfg.batch_size,
                          EVAL_SEED + 2)
     batches = [stream.next_batch(device) for _ in range(n_batches)]
-    cos_rows, g_rule = [], []
+    cos_rows, g_rule, g_refs = [], [], []
     for x, y in batches:
         g_ref, _, _ = eqt_bptt.bptt_gradients(model, x, y)
         if isinstance(trainer.rule, EPRule):
@@ -394,8 +405,11 @@ def _diagnose_eq(trainer: EquilibriumTrainer, device: torch.device, result: dict
             g = g_ref
         cos_rows.append(eqt_diag.grad_cosines(g, g_ref))
         g_rule.append(g)
+        g_refs.append(g_ref)
     cos = {k: float(np.mean([r[k] for r in cos_rows])) for k in cos_rows[0]}
     coherence = [eqt_diag.self_coherence(a, b) for a, b in zip(g_rule, g_rule[1:], strict=False)]
+    result["extras"].update({"self_coherence_groups": _group_coherence(g_rule),
+                             "self_coherence_groups_ref": _group_coherence(g_refs)})
     free = model.free_phase(batches[0][0])
     x0, y0 = batches[0]
     # 8 rows keep the abscissa's power iteration cheap
@@ -410,6 +424,13 @@ def _diagnose_eq(trainer: EquilibriumTrainer, device: torch.device, result: dict
                              "cos_per_batch": cos_rows,
                              "lambda": None if trainer.controller is None
                              else trainer.controller.lam})
+
+
+def _group_coherence(grads: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Mean batch-to-batch cosine per parameter group (health: estimator sign by group)."""
+    pairs = [eqt_diag.grad_cosines(a, b) for a, b in zip(grads, grads[1:], strict=False)]
+    return {k[len("cos/"):]: float(np.mean([p[k] for p in pairs]))
+            for k in pairs[0] if k.startswith("cos/")} if pairs else {}
 
 
 def sample(model: torch.nn.Module, prompt: list[int], n: int, device: torch.device,

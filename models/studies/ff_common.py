@@ -20,7 +20,7 @@ from models.ff import metrics
 from models.ff.calibration import calibrate_dtp, calibrate_pc, dfa_feedback_scale
 from models.ff.energy import EnergyMLP, EnergyMLPConfig
 from models.ff.mlp import DeepMLP, MLPConfig, evaluate, true_state_grads
-from models.ff.rules import CONFIGS, RULES, Rule
+from models.ff.rules import RULES, CreditBridge, Rule
 from models.ff.tasks import Split
 
 DIAG_BATCH = 512  # held-out examples the credit metrics are computed on
@@ -61,17 +61,21 @@ def mlp_config(m: FFModelConfig, d_in: int, d_out: int) -> MLPConfig:
 
 def energy_config(m: FFModelConfig, d_in: int, d_out: int) -> EnergyMLPConfig:
     return EnergyMLPConfig(d_in=d_in, d_out=d_out, hidden=list(m.energy_hidden),
-                           act=m.energy_act, dt=m.energy_dt, free_steps=m.energy_free_steps)
+                           act=m.energy_act, dt=m.energy_dt, free_steps=m.energy_free_steps,
+                           tol=m.energy_tol)
 
 
 def build_rule(rule_cfg: Any, net: nn.Module, seed: int, epochs: int) -> Rule:
-    """The models.ff rule of a params row (seed = run seed; credit bridge warm-up over epochs)."""
-    fields = rule_cfg.library_fields()
-    if fields.get("feedback_scale") == "calibrated":
-        fields["feedback_scale"] = 1.0  # replaced by apply_calibration
+    """The models.ff rule of a params row: the row's config class as it is, the run's seed and
+    (credit bridge warm-up) the run's epochs."""
     if rule_cfg.kind == "credit_bridge":
-        fields["epochs"] = epochs
-    return RULES[rule_cfg.kind](net, CONFIGS[rule_cfg.kind](**fields, seed=seed))
+        return CreditBridge(net, rule_cfg, seed, epochs)  # type: ignore[arg-type]
+    return RULES[rule_cfg.kind](net, rule_cfg, seed)
+
+
+def uses_energy_net(rule_cfg: Any) -> bool:
+    """EP (and its head-only baseline) train the energy-based MLP instead of the pre-LN MLP."""
+    return rule_cfg.kind == "ep" or getattr(rule_cfg, "net", "mlp") == "energy"
 
 
 def make_net(seed: int, factory: Callable[[], nn.Module], device: torch.device) -> nn.Module:
@@ -88,7 +92,7 @@ def calibrate_rule(rule_cfg: Any, rule: Rule, x: Tensor, y: Tensor) -> dict[str,
 
     DFA / credit-bridge warm-up: feedback scale matching BP's credit RMS. DTP: inverse
     pre-training and the top/bottom target-norm ratio (must stay in [0.1, 10]). PC: the largest
-    stable settling step and its iterations. EP: the free-phase residual after free_steps.
+    stable settling step. EP: the free-phase residual at its cap.
     """
     out: dict[str, Any] = {"kind": rule_cfg.kind}
     net = rule.net
@@ -112,7 +116,7 @@ def calibrate_rule(rule_cfg: Any, rule: Rule, x: Tensor, y: Tensor) -> dict[str,
                              f"[0.1, 10]; raise rules.<row>.pretrain_steps or inverse_lr")
     elif kind == "pc" and rule_cfg.calibrate_settle:
         try:
-            out.update(calibrate_pc(rule, x, y, tol=rule_cfg.settle_tol))  # type: ignore[arg-type]
+            out.update(calibrate_pc(rule, x, y))  # type: ignore[arg-type]
         except RuntimeError as err:
             raise ValueError(f"calibration: {err}; raise rules.<row>.settle_tol") from None
     elif kind == "ep":
@@ -129,8 +133,7 @@ def apply_calibration(rule_cfg: Any, rule: Rule, cal: dict[str, Any]) -> None:
     elif kind == "credit_bridge" and rule_cfg.feedback_scale == "calibrated":
         rule.dfa.scale.fill_(cal["feedback_scale"])  # type: ignore[attr-defined]
     elif kind == "pc" and rule_cfg.calibrate_settle:
-        rule.cfg.settle_lr = float(cal["settle_lr"])
-        rule.cfg.settle_iters = int(cal["settle_iters"]) + max(2, int(cal["settle_iters"]) // 2)
+        rule.cfg = rule.cfg.model_copy(update={"settle_lr": float(cal["settle_lr"])})
 
 
 # ---------------------------------------------------------------- trainer
@@ -152,18 +155,23 @@ class FFTrainer:
         self.before_first_step = before_first_step
         self._last: dict[str, float] = {}
 
-    def train_step(self, step: int, lr: float) -> dict[str, float]:
-        if step == 0 and self.before_first_step is not None:
-            self.before_first_step(self)
+    def next_batch(self, step: int) -> tuple[Tensor, Tensor]:
+        """The step's minibatch (a fresh permutation each epoch; sets the rule's epoch)."""
         pos = step % self.steps_per_epoch
         if pos == 0:
             self.perm = torch.randperm(len(self.data.x_fit), generator=self.gen)
             self.rule.set_epoch(step // self.steps_per_epoch)
         idx = self.perm[pos * self.batch_size:(pos + 1) * self.batch_size].to(
             self.data.x_fit.device)
+        return self.data.x_fit[idx], self.data.y_fit[idx]
+
+    def train_step(self, step: int, lr: float) -> dict[str, float]:
+        if step == 0 and self.before_first_step is not None:
+            self.before_first_step(self)
+        x, y = self.next_batch(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        stats = self.rule.update(self.data.x_fit[idx], self.data.y_fit[idx])
+        stats = self.rule.update(x, y)
         groups = self.net.param_groups()  # type: ignore[operator]
         params = [p for ps in groups.values() for p in ps]
         torch.nn.utils.clip_grad_norm_(params, self.grad_clip or float("inf"))
@@ -222,12 +230,13 @@ def dtp_pretrain(steps: int) -> Callable[[FFTrainer], None]:
 
 
 def make_trainer(rule_cfg: Any, net: nn.Module, data: Data, train_cfg: Any, seed: int,
-                 epochs: int, calibration: dict[str, Any]) -> FFTrainer:
+                 epochs: int, calibration: dict[str, Any],
+                 cls: type[FFTrainer] = FFTrainer) -> FFTrainer:
     rule = build_rule(rule_cfg, net, seed, epochs)
     apply_calibration(rule_cfg, rule, calibration)
     hook = dtp_pretrain(rule_cfg.pretrain_steps) if rule_cfg.kind == "dtp" else None
-    return FFTrainer(net, rule, data, train_cfg.batch_size, train_cfg.weight_decay,
-                     train_cfg.grad_clip, seed, hook)
+    return cls(net, rule, data, train_cfg.batch_size, train_cfg.weight_decay,
+               train_cfg.grad_clip, seed, hook)
 
 
 # ---------------------------------------------------------------- metrics
@@ -238,8 +247,8 @@ def _flat(prefix: str, d: dict[str, float]) -> dict[str, float]:
 def credit_metrics(rule: Rule, x: Tensor, y: Tensor) -> tuple[dict[str, float], list[Tensor]]:
     """Gamma (BP cosine of the weight update), rho and nudge on (x, y); per layer and mean.
 
-    Credits are taken first (no side effects); ``rule.update`` then writes the rule's weight
-    update (it also steps auxiliary modules, which is harmless on diagnose's throwaway copy).
+    Both the credits and the weight update (``rule.grads``) are taken with the rule's
+    estimators as training left them: no auxiliary module steps on these held-out examples.
     """
     net = rule.net
     credits = rule.credit(x, y)
@@ -251,7 +260,7 @@ def credit_metrics(rule: Rule, x: Tensor, y: Tensor) -> tuple[dict[str, float], 
             net.loss(net(x), y).backward()
         bp = metrics.layer_grads(net.param_groups())
         true = true_state_grads(net, x, y)[1]
-    rule.update(x, y)
+    rule.grads(x, y)
     mine = metrics.layer_grads(net.param_groups())  # type: ignore[operator]
     out = {**_flat("gamma", metrics.bp_cosine(mine, bp)),
            **_flat("rho", metrics.rho(credits, true))}
@@ -271,9 +280,7 @@ def ep_reference(net: EnergyMLP, x: Tensor, y: Tensor) -> tuple[dict[str, Tensor
     params = [p for ps in groups.values() for p in ps]
     with torch.enable_grad():
         for _ in range(net.cfg.free_steps):
-            e = net.energy(x, s) - sum((c * t).sum() for c, t in zip(currents, s, strict=True))
-            grads = torch.autograd.grad(e, s, create_graph=True)
-            s = [t - net.cfg.dt * g for t, g in zip(s, grads, strict=True)]
+            s = net.step(x, s, currents=currents, create_graph=True)
         loss = net.loss(net.readout(s[-1]), y)
         grads = torch.autograd.grad(loss, params + currents, allow_unused=True)
     pg = grads[:len(params)]

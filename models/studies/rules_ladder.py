@@ -16,6 +16,7 @@ from models.config.ff import RulesLadderConfig
 from models.ff.mlp import DeepMLP
 from models.ff.tasks.ladder import make_ladder, student_config
 from models.pipeline import RunSpec
+from models.studies import baselines
 from models.studies import ff_common as ff
 
 
@@ -60,7 +61,6 @@ class LadderTrainer:
 class RulesLadderStudy:
     name = "rules_ladder"
     title = "rules-ladder: credit quality vs depth and nonlinearity (teacher-student)"
-    datasets: tuple[str, ...] = ()
     columns = (("gamma", "Gamma (grid mean)"), ("rho", "rho (grid mean)"),
                ("test_accuracy", "test acc (grid mean)"), ("ms_per_step", "ms/step"))
     plots = (("val_accuracy", "validation accuracy (grid mean)"), ("loss", "training loss"))
@@ -82,12 +82,21 @@ class RulesLadderStudy:
 
     def calibrate(self, params: Params, row: str, device: torch.device) -> dict[str, Any]:
         cfg = params.study_as(self.name, RulesLadderConfig)
-        out = {}
+        out, refs = {}, []
+        budget = baselines.Budget.of(cfg.row_train(row))
         for name, (rule_cfg, net, data) in self._cells(params, row, 0, device).items():
+            # the teacher is of the student family: the head alone on its features is a strong
+            # reference, so it is only a floor (rows clearly worse than it are flagged)
+            refs.append(baselines.classification(net, data.x_fit, data.y_fit, data.x_test,
+                                                 data.y_test, budget, head_must_beat=False,
+                                                 suffix=f"@{name}"))
             rule = ff.build_rule(rule_cfg, net, 0, cfg.row_epochs(row))
             out[name] = ff.calibrate_rule(rule_cfg, rule, data.x_fit[:ff.CAL_BATCH],
                                           data.y_fit[:ff.CAL_BATCH])
-        return {"cells": out}
+        health = {"chance": refs[0]["chance"], "chance_what": refs[0]["chance_what"],
+                  "untrained_loss": sum(r["untrained_loss"] for r in refs) / len(refs),
+                  "baselines": [b for r in refs for b in r["baselines"]]}
+        return {"cells": out, "health": health}
 
     def build_trainer(self, params: Params, spec: RunSpec, calibration: dict[str, Any],
                       device: torch.device) -> LadderTrainer:

@@ -19,6 +19,7 @@ from models.ff.mlp import DeepMLP
 from models.ff.tasks import Split
 from models.ff.tasks.cifar10 import load_cifar10
 from models.pipeline import RunSpec, mnist1d_file
+from models.studies import baselines
 from models.studies import ff_common as ff
 
 
@@ -36,7 +37,6 @@ def load_split(cfg: RulesVisionConfig) -> Split:
 class RulesVisionStudy:
     name = "rules_vision"
     title = "rules-vision: deep MLP classification, BP vs backprop-free rules"
-    datasets = ("mnist1d",)
     columns = (("test_accuracy", "test acc"), ("test_loss", "test CE"),
                ("gamma", "BP cosine (Gamma)"), ("rho", "rho"), ("nudge", "nudge"),
                ("ms_per_step", "ms/step"))
@@ -48,7 +48,7 @@ class RulesVisionStudy:
         rule_cfg, model = cfg.rules[row], cfg.row_model(row)
         data = ff.split_val(load_split(cfg), cfg.task.val_fraction).to(device)
         d_in, d_out = data.x_fit.shape[1], int(data.y_fit.max()) + 1
-        if rule_cfg.kind == "ep":
+        if ff.uses_energy_net(rule_cfg):
             net = ff.make_net(seed, lambda: EnergyMLP(ff.energy_config(model, d_in, d_out)),
                               device)
         else:
@@ -58,9 +58,11 @@ class RulesVisionStudy:
     def calibrate(self, params: Params, row: str, device: torch.device) -> dict[str, Any]:
         cfg = params.study_as(self.name, RulesVisionConfig)
         rule_cfg, net, data = self._setup(params, row, 0, device)
+        refs = baselines.classification(net, data.x_fit, data.y_fit, data.x_test, data.y_test,
+                                        baselines.Budget.of(cfg.row_train(row)))
         rule = ff.build_rule(rule_cfg, net, 0, cfg.row_epochs(row))
-        return ff.calibrate_rule(rule_cfg, rule, data.x_fit[:ff.CAL_BATCH],
-                                 data.y_fit[:ff.CAL_BATCH])
+        return {**ff.calibrate_rule(rule_cfg, rule, data.x_fit[:ff.CAL_BATCH],
+                                    data.y_fit[:ff.CAL_BATCH]), "health": refs}
 
     def build_trainer(self, params: Params, spec: RunSpec, calibration: dict[str, Any],
                       device: torch.device) -> ff.FFTrainer:

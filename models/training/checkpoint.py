@@ -1,4 +1,10 @@
-"""Segment checkpoints: one file per finished segment, valid only for the config that made it."""
+"""Segment checkpoints: one file per finished segment, valid only for the run identity that made it.
+
+A run's identity (``models.pipeline.run_identity``) is a small dict of hashes: the resolved
+training config, the source of every module training imports, the calibration file and the
+data. A checkpoint records it; resuming needs every part to match, and the error names the parts
+that changed, so "why did this retrain?" has an answer.
+"""
 
 from __future__ import annotations
 
@@ -8,23 +14,24 @@ from typing import Any
 import torch
 
 from models import io
+from models.errors import CheckpointError
 
-FORMAT = 1
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be resumed from (missing, corrupt, or made by another config)."""
+FORMAT = 2
 
 
-def save(path: Path, *, step: int, fingerprint: str, trainer: dict[str, Any],
+def save(path: Path, *, step: int, identity: dict[str, str], trainer: dict[str, Any],
          rng: dict[str, Any], config: dict[str, Any] | None = None) -> None:
     """``config`` is the resolved run config training used (for train/eval drift checks)."""
-    io.torch_save(path, {"format": FORMAT, "step": step, "fingerprint": fingerprint,
+    io.torch_save(path, {"format": FORMAT, "step": step, "identity": identity,
                          "trainer": trainer, "rng": rng, "config": config})
 
 
-def load(path: Path, *, fingerprint: str, step: int) -> dict[str, Any]:
-    """Load a checkpoint and check it is the one this run expects at ``step``."""
+def load(path: Path, *, identity: dict[str, str] | None, step: int) -> dict[str, Any]:
+    """Load a checkpoint and check it is the one this run expects at ``step``.
+
+    ``identity=None`` skips the identity check (diagnosing a run directory brought from another
+    machine, where the code or data paths may differ); the step is always checked.
+    """
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found (run the previous segment first)")
     try:
@@ -32,18 +39,26 @@ def load(path: Path, *, fingerprint: str, step: int) -> dict[str, Any]:
     except Exception as err:  # torch raises several types for torn or foreign files
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from None
     if payload.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: checkpoint format {payload.get('format')} != {FORMAT}")
-    if payload["fingerprint"] != fingerprint:
-        raise CheckpointError(f"{path}: made with training config {payload['fingerprint']}, "
-                              f"current is {fingerprint}; retrain from segment 0")
+        raise CheckpointError(f"{path}: checkpoint format {payload.get('format')} != {FORMAT}; "
+                              "retrain from segment 0")
+    if identity is not None and payload["identity"] != identity:
+        diff = changed(payload["identity"], identity)
+        raise CheckpointError(f"{path}: made by another run identity ({diff}); retrain from "
+                              "segment 0")
     if payload["step"] != step:
         raise CheckpointError(f"{path}: ends at step {payload['step']}, expected {step}")
     return payload
 
 
-def is_valid(path: Path, *, fingerprint: str, step: int) -> bool:
+def changed(old: dict[str, str], new: dict[str, str]) -> str:
+    """'code, calibration changed' — which parts of an identity differ."""
+    parts = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    return ", ".join(parts) + " changed"
+
+
+def is_valid(path: Path, *, identity: dict[str, str], step: int) -> bool:
     try:
-        load(path, fingerprint=fingerprint, step=step)
+        load(path, identity=identity, step=step)
     except CheckpointError:
         return False
     return True

@@ -20,13 +20,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from models import io
 from models.config import TrainConfig
+from models.errors import GuardStop
 from models.studies.base import Trainer
 from models.training import checkpoint, rng
 from models.training.schedule import lr_at
-
-
-class GuardStop(RuntimeError):
-    """Raised when the live guard sees a fatal condition; the previous checkpoint stays valid."""
 
 
 @dataclass(frozen=True)
@@ -39,12 +36,12 @@ class Segment:
     log: Path
 
 
-def run_segment(trainer: Trainer, seg: Segment, cfg: TrainConfig, fingerprint: str,
+def run_segment(trainer: Trainer, seg: Segment, cfg: TrainConfig, identity: dict[str, str],
                 guard: Callable[[dict[str, float]], str | None] | None = None,
                 label: str = "", config: dict[str, Any] | None = None) -> list[dict[str, float]]:
     """Train one segment; returns the logged rows (also written to ``seg.log``)."""
     if seg.prev_ckpt is not None:
-        state = checkpoint.load(seg.prev_ckpt, fingerprint=fingerprint, step=seg.start)
+        state = checkpoint.load(seg.prev_ckpt, identity=identity, step=seg.start)
         trainer.load_state_dict(state["trainer"])
         rng.restore(state["rng"])
     rows: list[dict[str, float]] = []
@@ -68,7 +65,7 @@ def run_segment(trainer: Trainer, seg: Segment, cfg: TrainConfig, fingerprint: s
                                     f"{done}: {reason}; last good checkpoint: {seg.prev_ckpt}")
             bar.advance(task)
     io.write_text(seg.log, "".join(json.dumps(r) + "\n" for r in rows))
-    checkpoint.save(seg.ckpt, step=seg.end, fingerprint=fingerprint,
+    checkpoint.save(seg.ckpt, step=seg.end, identity=identity,
                     trainer=trainer.state_dict(), rng=rng.capture(), config=config)
     return rows
 

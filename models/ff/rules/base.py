@@ -2,8 +2,14 @@
 
 A rule owns everything beyond the net's own weights: fixed feedback matrices, learned auxiliary
 modules (DTP inverses, bridges, value nets, PC precisions) with their internal optimizer, its RNG
-and an epoch counter. ``update`` writes the rule's weight update into ``p.grad`` of the net so
-that the pipeline's optimizer steps the net, and trains the auxiliary modules itself.
+and an epoch counter. The contract has three calls:
+
+- ``learn(x, y)``: train the rule's own estimators on a batch (no net gradients). The LQ toy calls
+  only this: the system stays fixed while the estimators learn.
+- ``grads(x, y)``: write the rule's weight update into ``p.grad`` of the net and nothing else (no
+  estimator step), so the credit metrics see the update the rule would make on held-out data.
+- ``update(x, y)``: one training step of a co-trained net, ``learn`` then ``grads`` by default;
+  the pipeline's optimizer then steps the net.
 """
 
 from __future__ import annotations
@@ -19,18 +25,28 @@ from torch import Tensor, nn
 class Rule(ABC):
     name: ClassVar[str]
 
-    def __init__(self, net: nn.Module, cfg: Any) -> None:
+    def __init__(self, net: nn.Module, cfg: Any, seed: int = 0) -> None:
+        """``cfg``: the rule's class from models.config.ff; ``seed``: the run's seed."""
         self.net = net
         self.cfg = cfg
+        self.seed = seed
         self.epoch = 0
         p = next(net.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.gen = torch.Generator(device="cpu")
-        self.gen.manual_seed(int(getattr(cfg, "seed", 0)))
+        self.gen.manual_seed(seed)
+
+    def learn(self, x: Tensor, y: Tensor) -> dict[str, float]:
+        """Train the rule's estimators on (x, y); return their statistics. None by default."""
+        return {}
 
     @abstractmethod
+    def grads(self, x: Tensor, y: Tensor) -> dict[str, float]:
+        """Write the weight update into ``p.grad`` (no side effects otherwise); statistics."""
+
     def update(self, x: Tensor, y: Tensor) -> dict[str, float]:
-        """Write the weight update into ``p.grad``; train auxiliary modules; return statistics."""
+        """One training step's rule work: estimators first, then the weight update."""
+        return {**self.learn(x, y), **self.grads(x, y)}
 
     @abstractmethod
     def credit(self, x: Tensor, y: Tensor) -> list[Tensor]:
@@ -73,7 +89,7 @@ class Rule(ABC):
     def build(self, factory: Callable[[], nn.Module]) -> nn.Module:
         """Create an auxiliary module from the rule's seed without touching the global RNG."""
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(getattr(self.cfg, "seed", 0)) + 7919)
+            torch.manual_seed(self.seed + 7919)
             module = factory()
         return module.to(device=self.device, dtype=self.dtype)
 

@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import Tensor
 
+from models.config.ff import FFBPRule
 from models.ff.mlp import DeepMLP, act_rms, grad_norms, true_state_grads
 from models.ff.rules.base import Rule
-
-
-@dataclass
-class BPConfig:
-    seed: int = 0
 
 
 class BP(Rule):
     name = "bp"
 
-    def __init__(self, net: DeepMLP, cfg: BPConfig | None = None) -> None:
-        super().__init__(net, cfg or BPConfig())
+    def __init__(self, net: DeepMLP, cfg: FFBPRule | None = None, seed: int = 0) -> None:
+        super().__init__(net, cfg or FFBPRule(), seed)
         self.net: DeepMLP = net
 
-    def update(self, x: Tensor, y: Tensor) -> dict[str, float]:
+    def grads(self, x: Tensor, y: Tensor) -> dict[str, float]:
         self.net.zero_grad(set_to_none=False)
         hs = self.net.states(x)
         loss = self.net.loss(self.net.readout(hs[-1]), y)

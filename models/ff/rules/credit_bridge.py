@@ -12,34 +12,26 @@ bridge matches the state bridge on the toy".) Losses, per sample l_i of the curr
        term_grad_weight = 1 is scale free),
 - R_l: mean (v(R_l(h_l)) - l_i)^2, stepping R_l only.
 
-Credit a_l = grad_{h_l} V_l(h_l), normalised a / (RMS(a) + 1e-6) over the layer's batch tensor,
-divided by the batch size (the batch-mean loss convention every rule uses). For the first
+Credit a_l = grad_{h_l} V_l(h_l), normalised a / (RMS(a) + 1e-6) over the layer's batch tensor
+(log 002), times RMS(dL/dh_L) of the batch-mean loss (output-local, from the head). The log's
+unit-RMS credit is ~100x BP's scale; with Adam, the jump from the DFA warm-up's BP-scaled
+credit to it left Adam's second-moment estimate lagging for hundreds of steps (effective step
+~10x lr) and MNIST-1D training stalled at 25%, below the head alone (issue 13). The direction
+and the equal RMS across layers are the log's. For the first
 ``warmup_frac`` of ``epochs`` the net is trained with DFA credit instead (the bridges keep
 learning) so the value net does not bootstrap from an untrained net (log 002).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.config.ff import FFCreditBridgeRule, FFDFARule
 from models.ff.mlp import DeepMLP, act_rms, activation, apply_credit, grad_norms, make_block
 from models.ff.rules.base import Rule
-from models.ff.rules.dfa import DFA, DFAConfig
-
-
-@dataclass
-class CreditBridgeConfig:
-    bridge_lr: float = 1e-3  # Adam, internal, for v and every R_l
-    d_value: int = 256
-    term_grad_weight: float = 1.0
-    warmup_frac: float = 0.2
-    epochs: int = 100  # total epochs of the run (for the warm-up)
-    feedback_scale: float = 1.0  # DFA warm-up feedback
-    seed: int = 0
+from models.ff.rules.dfa import DFA
 
 
 class ValueHead(nn.Module):
@@ -61,15 +53,18 @@ class ValueHead(nn.Module):
 class CreditBridge(Rule):
     name = "credit_bridge"
 
-    def __init__(self, net: DeepMLP, cfg: CreditBridgeConfig | None = None) -> None:
-        super().__init__(net, cfg or CreditBridgeConfig())
+    def __init__(self, net: DeepMLP, cfg: FFCreditBridgeRule | None = None, seed: int = 0,
+                 epochs: int = 100) -> None:
+        """``epochs``: the run's total epochs (the DFA warm-up is ``warmup_frac`` of them)."""
+        super().__init__(net, cfg or FFCreditBridgeRule(), seed)
+        self.epochs = epochs
         self.net: DeepMLP = net
         c, nc = self.cfg, net.cfg
         self.value = self.build(lambda: ValueHead(nc.width, nc.d_out, c.d_value, nc.act, nc.layernorm))
         self.bridges = self.build(lambda: nn.ModuleList(make_block(nc) for _ in range(nc.depth)))
         self.opt = torch.optim.Adam([*self.value.parameters(), *self.bridges.parameters()],
                                     lr=c.bridge_lr)
-        self.dfa = DFA(net, DFAConfig(feedback_scale=c.feedback_scale, seed=c.seed + 1))
+        self.dfa = DFA(net, FFDFARule(feedback_scale=c.feedback_scale), seed + 1)
 
     def aux(self) -> dict[str, object]:
         return {"value": self.value, "bridges": self.bridges, "opt": self.opt}
@@ -78,7 +73,7 @@ class CreditBridge(Rule):
         return {"dfa_B": self.dfa.B, "dfa_scale": self.dfa.scale}
 
     def in_warmup(self) -> bool:
-        return self.epoch < self.cfg.warmup_frac * self.cfg.epochs
+        return self.epoch < self.cfg.warmup_frac * self.epochs
 
     def code(self, y: Tensor) -> Tensor:
         """The target as the value's second input: one-hot class (CE) or the target (MSE)."""
@@ -86,7 +81,16 @@ class CreditBridge(Rule):
             return F.one_hot(y, self.net.cfg.d_out).to(self.dtype)
         return y.to(self.dtype)
 
+    def counterfactual(self, hs: list[Tensor], y: Tensor) -> tuple[list[Tensor], Tensor]:
+        """Each state twice: with its own target and with another sample's (a batch
+        permutation from the rule's RNG). V_l(h, y) is a function of the target too, and
+        fitting it at more than one y per state pins the bridge R_l down along the output
+        directions the credit needs (one y fixes only one level set of v per state)."""
+        perm = torch.randperm(len(y), generator=self.gen).to(y.device)
+        return [torch.cat([h, h]) for h in hs], torch.cat([y, y[perm]])
+
     def train_values(self, hs: list[Tensor], y: Tensor) -> dict[str, float]:
+        hs, y = self.counterfactual(hs, y)
         net, b = self.net, hs[-1].shape[0]
         with torch.no_grad():
             target = net.per_sample_loss(net.readout(hs[-1]), y)
@@ -114,24 +118,30 @@ class CreditBridge(Rule):
                 "term/value_hidden": float(hidden.detach()) / max(len(self.bridges), 1)}
 
     def credits_from(self, hs: list[Tensor], y: Tensor) -> list[Tensor]:
-        b, code = hs[-1].shape[0], self.code(y)
+        code = self.code(y)
+        _, g_top = self.net.output_grad(hs[-1], y)
+        scale = g_top.pow(2).mean().sqrt()  # output-local: RMS of dL/dh_L
         maps = [*self.bridges, nn.Identity()]
         out = []
         with torch.enable_grad():
             for r, h in zip(maps, hs, strict=True):
                 hh = h.detach().requires_grad_(True)
                 (a,) = torch.autograd.grad(self.value(r(hh), code).sum(), hh)
-                out.append(a / (a.pow(2).mean().sqrt() + 1e-6) / b)
+                out.append(a / (a.pow(2).mean().sqrt() + 1e-6) * scale)
         return out
 
-    def update(self, x: Tensor, y: Tensor) -> dict[str, float]:
+    def learn(self, x: Tensor, y: Tensor) -> dict[str, float]:
         with torch.no_grad():
             hs = self.net.states(x)
-        stats = self.train_values(hs, y)
+        return self.train_values(hs, y)
+
+    def grads(self, x: Tensor, y: Tensor) -> dict[str, float]:
+        with torch.no_grad():
+            hs = self.net.states(x)
         warm = self.in_warmup()
         cs = self.dfa.credits_from(hs, y) if warm else self.credits_from(hs, y)
         loss = apply_credit(self.net, x, hs, cs, y)
-        stats.update({"loss": float(loss), "phase/dfa_warmup": float(warm)})
+        stats = {"loss": float(loss), "phase/dfa_warmup": float(warm)}
         return {**stats, **grad_norms(self.net), **act_rms(self.net.layer_names(), hs)}
 
     def credit(self, x: Tensor, y: Tensor) -> list[Tensor]:

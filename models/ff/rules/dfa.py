@@ -3,36 +3,44 @@
 e = dL/dlogits of the batch-mean loss (softmax - onehot over B for CE), so the update has BP's
 scale. B_l has i.i.d. N(0, feedback_scale^2 / d_out) entries: feedback_scale = 1 gives credits of
 the same RMS as e per output unit; ``calibration.dfa_feedback_scale`` matches it to BP's credit.
-Every hidden state h_0..h_L (including the last) gets B_l e; the head gets its local delta rule.
+Every hidden state h_0..h_L (including the last) gets feedback; the head gets its delta rule.
+
+The final LayerNorm. The head reads u = LN_f(h_L), not h_L, so B_l e is feedback *for u* (the
+space the readout sees, where DFA's alignment argument holds: W_out aligns with B). It is mapped
+to the residual stream by LN_f's own Jacobian at h_L (a vector-Jacobian product through the
+head's first module, i.e. output-local, no hidden back-propagation):
+
+    c_l = J_{LN_f}(h_L)^T B_l e
+
+Without this, B_l e has components along h_L's mean and radius, which LN_f discards; they only
+inflate the residual stream, and DFA on MNIST-1D did no better than training the head alone
+(issue 13). Every block writes into the same residual stream that LN_f reads, so J_{LN_f}(h_L)
+is the same projection for every l. With ``layernorm=False`` (LQ toy) LN_f is the identity and
+this is plain DFA.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
+from models.config.ff import FFDFARule
 from models.ff.mlp import DeepMLP, act_rms, apply_credit, grad_norms
 from models.ff.rules.base import Rule
-
-
-@dataclass
-class DFAConfig:
-    feedback_scale: float = 1.0
-    seed: int = 0
 
 
 class DFA(Rule):
     name = "dfa"
 
-    def __init__(self, net: DeepMLP, cfg: DFAConfig | None = None) -> None:
-        super().__init__(net, cfg or DFAConfig())
+    def __init__(self, net: DeepMLP, cfg: FFDFARule | None = None, seed: int = 0) -> None:
+        super().__init__(net, cfg or FFDFARule(), seed)
         self.net: DeepMLP = net
         n, w, k = len(net.layer_names()), net.cfg.width, net.cfg.d_out
         # Unit-variance draws times a separate scale, so calibration can rescale in place.
         self.B = self.randn(n, w, k) / k**0.5
-        self.scale = torch.tensor(float(self.cfg.feedback_scale), dtype=self.dtype,
+        fs = self.cfg.feedback_scale
+        # "calibrated" starts at 1; the calibrate stage's value replaces it (ff_common)
+        self.scale = torch.tensor(1.0 if fs == "calibrated" else float(fs), dtype=self.dtype,
                                   device=self.device)
 
     def buffers(self) -> dict[str, Tensor]:
@@ -45,10 +53,15 @@ class DFA(Rule):
         return e
 
     def credits_from(self, hs: list[Tensor], y: Tensor) -> list[Tensor]:
+        """[J_{LN_f}(h_L)^T B_l e for l = 0..L] (see the module docstring)."""
         e = self.output_error(hs, y)
-        return [self.scale * e @ self.B[i].T for i in range(len(hs))]
+        with torch.enable_grad():
+            top = hs[-1].detach().requires_grad_(True)
+            u = self.net.ln_f(top)
+            return [torch.autograd.grad(u, top, grad_outputs=self.scale * e @ self.B[i].T,
+                                        retain_graph=True)[0] for i in range(len(hs))]
 
-    def update(self, x: Tensor, y: Tensor) -> dict[str, float]:
+    def grads(self, x: Tensor, y: Tensor) -> dict[str, float]:
         with torch.no_grad():
             hs = self.net.states(x)
         cs = self.credits_from(hs, y)

@@ -20,29 +20,19 @@ around the current h_l:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor, nn
 
+from models.config.ff import FFDTPRule
 from models.ff.mlp import DeepMLP, act_rms, apply_credit, grad_norms, make_block
 from models.ff.rules.base import Rule
-
-
-@dataclass
-class DTPConfig:
-    eta: float = 0.1  # top target step on the per-sample output gradient
-    noise_std: float = 0.1  # sigma of the inverse-training perturbation
-    inverse_lr: float = 1e-3  # Adam, internal
-    inverse_steps: int = 1  # inverse updates per ``update`` call, before targets are formed
-    seed: int = 0
 
 
 class DTP(Rule):
     name = "dtp"
 
-    def __init__(self, net: DeepMLP, cfg: DTPConfig | None = None) -> None:
-        super().__init__(net, cfg or DTPConfig())
+    def __init__(self, net: DeepMLP, cfg: FFDTPRule | None = None, seed: int = 0) -> None:
+        super().__init__(net, cfg or FFDTPRule(), seed)
         self.net: DeepMLP = net
         self.inverses = self.build(
             lambda: nn.ModuleList(make_block(net.cfg) for _ in range(net.cfg.depth)))
@@ -83,16 +73,21 @@ class DTP(Rule):
         b = hs[-1].shape[0]
         return [(h - t) / (self.cfg.eta * b) for h, t in zip(hs, taus, strict=True)]
 
-    def update(self, x: Tensor, y: Tensor) -> dict[str, float]:
+    def learn(self, x: Tensor, y: Tensor) -> dict[str, float]:
         with torch.no_grad():
             hs = self.net.states(x)
         rec = 0.0
         for _ in range(self.cfg.inverse_steps):
             rec = self.train_inverses(hs)
+        return {"term/inverse_rec": rec}
+
+    def grads(self, x: Tensor, y: Tensor) -> dict[str, float]:
+        with torch.no_grad():
+            hs = self.net.states(x)
         taus = self.targets(hs, y)
         loss = apply_credit(self.net, x, hs, self.credits_from(hs, taus), y)
         names = self.net.layer_names()
-        stats = {"loss": float(loss), "term/inverse_rec": rec}
+        stats = {"loss": float(loss)}
         for n, h, t in zip(names, hs, taus, strict=True):
             stats[f"target/{n}"] = float((t - h).norm(dim=-1).mean())
         return {**stats, **grad_norms(self.net), **act_rms(names, hs)}

@@ -13,27 +13,19 @@ gradient with respect to an external current injected into s_k (the EP analogue 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
+from models.config.ff import FFEPRule
 from models.ff.energy import EnergyMLP
 from models.ff.rules.base import Rule, flat_grad_norm
-
-
-@dataclass
-class EPConfig:
-    beta: float = 0.5  # Laborieux et al. use 0.5 with centered nudging; tests use 1e-3
-    nudge_steps: int = 20
-    seed: int = 0
 
 
 class EP(Rule):
     name = "ep"
 
-    def __init__(self, net: EnergyMLP, cfg: EPConfig | None = None) -> None:
-        super().__init__(net, cfg or EPConfig())
+    def __init__(self, net: EnergyMLP, cfg: FFEPRule | None = None, seed: int = 0) -> None:
+        super().__init__(net, cfg or FFEPRule(), seed)
         self.net: EnergyMLP = net
 
     def phases(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor],
@@ -44,7 +36,7 @@ class EP(Rule):
         minus, _ = n.relax(x, k, y=y, beta=-b, s0=free)
         return free, plus, minus, res
 
-    def update(self, x: Tensor, y: Tensor) -> dict[str, float]:
+    def grads(self, x: Tensor, y: Tensor) -> dict[str, float]:
         free, plus, minus, res = self.phases(x, y)
         n, bsz = self.net, x.shape[0]
         n.zero_grad(set_to_none=False)
@@ -52,7 +44,8 @@ class EP(Rule):
             contrast = (n.energy(x, plus) - n.energy(x, minus)) / (2 * self.cfg.beta * bsz)
             loss = n.loss(n.readout(free[-1]), y)
             (contrast + loss).backward()
-        stats = {"loss": float(loss.detach()), "residual": res}
+        stats = {"loss": float(loss.detach()), "residual": res,
+                 "settle/free/tol": n.cfg.tol, "settle/free/cap": float(n.cfg.free_steps)}
         for name, ps in n.param_groups().items():
             stats[f"update/{name}"] = flat_grad_norm(ps)
         for name, s in zip(n.layer_names(), free, strict=True):

@@ -1,57 +1,59 @@
-"""Predictive coding with learned, floored, damped precisions and settling inference.
+"""Predictive coding with a clamped output, settling to equilibrium, and learned precisions.
 
-Energy of one sample (x clamped at the bottom, h_{-1} := x, f_l the net's layer l):
+Energy of one sample (x clamped at the bottom, h_{-1} := x, f_l the net's layer l, y the target):
 
-    E(h) = sum_l pi_l / 2 * ||h_l - f_l(h_{l-1})||^2  +  beta * loss(head(h_L), y)
+    E(h) = sum_l pi_l / 2 * ||h_l - f_l(h_{l-1})||^2  +  l(head(h_L), y)
 
-The last term clamps the output to the target y under the task likelihood (CE or MSE): for a
-softmax classifier there is no "target logit vector", so clamping the output node to y is this
-energy. Inference settles all h_l (from the feed-forward pass) by gradient descent on the batch
-sum of E with step gamma / max_l pi_l (a preconditioner: the fixed point is unchanged but the
-step stays stable as precisions grow), optionally with Langevin noise sqrt(2 gamma') sigma_e xi
-annealed per epoch
-(sigma_e = noise_std * noise_anneal^epoch; log 001 "noise injection ... gradually reduced"),
-until the relative residual ||gamma dE/dh|| / ||h|| <= settle_tol or settle_iters.
+**Clamped output.** The output node is not a state: it is fixed to the target y, and its energy
+is its negative log-likelihood under the head's prediction, -log p(y | h_L) = the task loss (CE:
+a categorical node clamped to the class; MSE: a unit-precision Gaussian node clamped to y). The
+weight is 1, not a tunable beta: a small weight would be EP-style nudging, not a clamp. So
+settled errors are not small and the credit is PC's own (prospective) credit, which equals BP's
+only in the small-error limit (tested with ``output_weight`` << 1 in the tests only).
 
-At equilibrium pi_l eps_l = J_{l+1}^T pi_{l+1} eps_{l+1} and pi_L eps_L = -beta dloss/dh_L, so
--pi_l eps_l / beta is the BP gradient in the small-error limit (beta -> 0); that is the credit,
-divided by the batch size to match the batch-mean loss. Weights update locally from the settled
-errors: dE/dtheta_l = -pi_l eps_l df_l/dtheta_l (in ``p.grad``, over beta B). Without the clamp
-(evaluation) the feed-forward pass is the equilibrium, so ``evaluate`` is the plain forward.
+**Settling.** All h_l start at the feed-forward pass and descend E with heavy-ball momentum
+(v <- mu v + dE/dh, h <- h - gamma / max_l pi_l * v; the max-precision preconditioner keeps the
+step stable as precisions grow; momentum, the usual PC inference optimiser, is needed because the
+residual chain h_0..h_L is a path graph whose slowest mode decays ~depth^2 times slower than its
+fastest), with a per-sample adaptive restart and step halving when a sample's energy rises
+(``settle``). With a final LayerNorm the clamp can pull h_L toward LN_f's singular point (all
+units equal, where LN_f turns its output at no cost): the energy gets stiff there, which the
+per-sample step absorbs; a sample that stays stiff shows up as a residual above tolerance.
+The equilibrium test is scale free: residual = ||dE/dh|| / ||dE/dh at the feed-forward pass||
+(the fraction of the clamp's initial force still unbalanced) <= ``settle_tol``, or
+``settle_iters``. Optional Langevin noise sqrt(2 gamma') sigma_e xi, annealed per epoch (sigma_e
+= noise_std * noise_anneal^epoch; log 001).
 
-Precision pi_l = floor + softplus(r_l) (one scalar per layer). r minimises the Gaussian free
-energy mean_batch[pi ||eps||^2 / 2] - (d/2) log pi (optimum 1 / error variance); the floor keeps
-the net from muting its own errors (log 001) and a damping term kappa/2 (r - r_bar)^2 towards a
-slow EMA r_bar stops adjacent precisions from oscillating and diverging late (log 000).
+At equilibrium pi_l eps_l = J_{l+1}^T pi_{l+1} eps_{l+1} and pi_L eps_L = -dl/dh_L, so the credit
+for h_l is -pi_l eps_l (divided by the batch size, the batch-mean convention). Weights update
+locally from the settled errors: dE/dtheta_l = -pi_l eps_l df_l/dtheta_l at the settled states
+(``apply_credit`` with the settled h). Evaluation is the plain forward pass (the unclamped
+equilibrium).
+
+**Precisions** pi_l = floor + softplus(r_l), one per layer, learned after each step on the
+Gaussian free energy of the settled errors plus an exponential prior of rate b per unit,
+
+    F(pi_l) = pi_l m_l / 2 - (1/2) log pi_l + b pi_l,     m_l = mean over batch and units of eps^2
+
+whose minimiser is 1 / (m_l + 2b). The prior is not decoration: under a clamped output the
+settled errors scale as 1/pi (pi eps is fixed by the clamp), so the prior-free fixed point
+pi = E[(pi eps)^2] is unstable and every precision either runs away or falls to the floor. With
+the prior, the stable point is near 1 / (2b) minus the error term. The floor keeps the net from
+muting its own errors (log 001); a damping term kappa/2 (r - r_bar)^2 towards a slow EMA r_bar
+stops adjacent precisions from oscillating (log 000).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.config.ff import FFPCRule
 from models.ff.mlp import DeepMLP, act_rms, apply_credit, grad_norms
 from models.ff.rules.base import Rule
-
-
-@dataclass
-class PCConfig:
-    beta: float = 1.0  # weight of the clamped output term
-    settle_lr: float = 0.1  # gamma
-    settle_iters: int = 20  # maximum settling steps (log 001: 30-40 early, 5-6 trained)
-    settle_tol: float = 1e-4  # relative-residual equilibrium tolerance
-    precision_init: float = 1.0
-    precision_floor: float = 0.1
-    precision_lr: float = 1e-3  # 0 freezes the precisions
-    precision_damping: float = 1.0  # kappa
-    precision_ema: float = 0.99  # r_bar <- ema * r_bar + (1 - ema) * r
-    noise_std: float = 0.0
-    noise_anneal: float = 0.9  # per-epoch factor on the settling noise
-    seed: int = 0
 
 
 def _inv_softplus(v: float) -> float:
@@ -61,8 +63,8 @@ def _inv_softplus(v: float) -> float:
 class PC(Rule):
     name = "pc"
 
-    def __init__(self, net: DeepMLP, cfg: PCConfig | None = None) -> None:
-        super().__init__(net, cfg or PCConfig())
+    def __init__(self, net: DeepMLP, cfg: FFPCRule | None = None, seed: int = 0) -> None:
+        super().__init__(net, cfg or FFPCRule(), seed)
         self.net: DeepMLP = net
         c = self.cfg
         if c.precision_init <= c.precision_floor:
@@ -72,6 +74,7 @@ class PC(Rule):
         self.r = nn.Parameter(torch.full((n,), r0, dtype=self.dtype, device=self.device))
         self.r_bar = torch.full((n,), r0, dtype=self.dtype, device=self.device)
         self.opt = torch.optim.SGD([self.r], lr=c.precision_lr)
+        self.last_ff_loss = float("nan")  # feed-forward loss of the last settle (for stats)
 
     def aux(self) -> dict[str, object]:
         return {"opt": self.opt}
@@ -87,67 +90,118 @@ class PC(Rule):
         return [h - self.net.layer(i, x if i == 0 else hs[i - 1]) for i, h in enumerate(hs)]
 
     def energy(self, x: Tensor, hs: list[Tensor], y: Tensor, pi: Tensor) -> Tensor:
-        """Batch sum of E (per-sample dynamics do not depend on the batch size)."""
-        e = sum(0.5 * pi[i] * eps.pow(2).sum() for i, eps in enumerate(self.errors(x, hs)))
+        """E per sample, shape (B,) (samples settle independently; their sum is the batch E)."""
+        e = sum(0.5 * pi[i] * eps.pow(2).sum(-1) for i, eps in enumerate(self.errors(x, hs)))
         out = self.net.readout(hs[-1])
-        return e + self.cfg.beta * self.net.per_sample_loss(out, y).sum()
+        return e + self.cfg.output_weight * self.net.per_sample_loss(out, y)
 
     def settle(self, x: Tensor, y: Tensor, noise: float = 0.0) -> tuple[list[Tensor], int, float]:
-        """Settled states, iterations used, final relative residual."""
+        """Settled states, iterations used, final residual (fraction of the initial force).
+
+        Each sample's states are an independent system, so each keeps its own step: when a
+        sample's energy rises, that sample goes back to its last point and drops its momentum
+        (adaptive restart), and if a plain gradient step overshot, its step halves. (Without
+        this one stiff sample, e.g. one whose h_L nears LN_f's singular point, stalls the batch.)
+        """
         c = self.cfg
         pi = self.precision().detach()
-        lr = c.settle_lr / float(pi.max())  # preconditioning: same fixed point, stable for any pi
         with torch.no_grad():
             hs = self.net.states(x)
-        iters, res = 0, 0.0
+            self.last_ff_loss = float(self.net.loss(self.net.readout(hs[-1]), y))
+        b = x.shape[0]
+        lr = x.new_full((b, 1), c.settle_lr / float(pi.max()))
+        vel = [torch.zeros_like(h) for h in hs]
+        run = torch.zeros(b, dtype=torch.long, device=x.device)  # steps since velocity was 0
+        prev_e, prev_h = None, hs
+        iters, res, force0 = 0, 1.0, 0.0
         with torch.enable_grad():
-            while iters < c.settle_iters:
-                iters += 1
+            while True:
                 hs = [h.detach().requires_grad_(True) for h in hs]
-                grads = torch.autograd.grad(self.energy(x, hs, y, pi), hs)
-                with torch.no_grad():
-                    step = [lr * g for g in grads]
-                    num = sum(float(s.pow(2).sum()) for s in step) ** 0.5
-                    den = sum(float(h.pow(2).sum()) for h in hs) ** 0.5
-                    res = num / (den + 1e-12)
-                    hs = [h - s for h, s in zip(hs, step, strict=True)]
-                    if noise > 0:
-                        amp = math.sqrt(2 * lr) * noise
-                        hs = [h + amp * self.randn(*h.shape) for h in hs]
-                if res <= c.settle_tol:
+                energy = self.energy(x, hs, y, pi)
+                if prev_e is not None and noise == 0:
+                    over = energy.detach() > prev_e
+                    if bool(over.any()):
+                        o = over[:, None]
+                        lr = torch.where(o & (run[:, None] <= 1), lr / 2, lr)
+                        hs = [torch.where(o, p, h.detach()).requires_grad_(True)
+                              for p, h in zip(prev_h, hs, strict=True)]
+                        vel = [torch.where(o, 0.0, v) for v in vel]
+                        run = torch.where(over, 0, run)
+                        energy = self.energy(x, hs, y, pi)
+                grads = torch.autograd.grad(energy.sum(), hs)
+                force = sum(float(g.pow(2).sum()) for g in grads) ** 0.5
+                if iters == 0:
+                    force0 = force
+                res = force / (force0 + 1e-30)
+                if res <= c.settle_tol or force0 == 0.0 or iters >= c.settle_iters:
                     break
+                iters += 1
+                with torch.no_grad():
+                    prev_e, prev_h = energy.detach(), [h.detach() for h in hs]
+                    run = run + 1
+                    vel = [c.settle_momentum * v + g for v, g in zip(vel, grads, strict=True)]
+                    hs = [h - lr * v for h, v in zip(hs, vel, strict=True)]
+                    if noise > 0:
+                        hs = [h + (2 * lr).sqrt() * noise * self.randn(*h.shape) for h in hs]
         return [h.detach() for h in hs], iters, res
 
     def credits_from(self, x: Tensor, hs: list[Tensor]) -> list[Tensor]:
         pi = self.precision().detach()
         b = hs[-1].shape[0]
+        w = self.cfg.output_weight
         with torch.no_grad():
-            return [-pi[i] * eps / (self.cfg.beta * b) for i, eps in enumerate(self.errors(x, hs))]
+            return [-pi[i] * eps / (w * b) for i, eps in enumerate(self.errors(x, hs))]
 
-    # --- protocol --------------------------------------------------------------------------
-    def update(self, x: Tensor, y: Tensor) -> dict[str, float]:
+    @torch.no_grad()
+    def error_power(self, x: Tensor, hs: list[Tensor]) -> Tensor:
+        """m_l: mean squared prediction error per layer."""
+        return torch.stack([eps.pow(2).mean() for eps in self.errors(x, hs)])
+
+    def learn_precisions(self, x: Tensor, hs: list[Tensor]) -> Tensor:
+        """One SGD step on the precisions' free energy (module docstring); returns m_l."""
         c = self.cfg
-        hs, iters, res = self.settle(x, y, noise=c.noise_std * c.noise_anneal**self.epoch)
-        loss = apply_credit(self.net, x, hs, self.credits_from(x, hs), y)
-        with torch.no_grad():
-            err_sq = torch.stack([eps.pow(2).mean() for eps in self.errors(x, hs)])
+        m = self.error_power(x, hs)
         if c.precision_lr > 0:
-            pi = self.precision()
-            d = hs[0].shape[-1]
-            free = (0.5 * pi * err_sq * d - 0.5 * d * torch.log(pi)).sum() / d
-            damp = 0.5 * c.precision_damping * (self.r - self.r_bar).pow(2).sum()
-            self.opt.zero_grad(set_to_none=False)
-            (free + damp).backward()
+            with torch.enable_grad():
+                pi = self.precision()
+                free = (0.5 * pi * m - 0.5 * torch.log(pi) + c.precision_prior_rate * pi).sum()
+                damp = 0.5 * c.precision_damping * (self.r - self.r_bar).pow(2).sum()
+                self.opt.zero_grad(set_to_none=False)
+                (free + damp).backward()
             self.opt.step()
             with torch.no_grad():
                 self.r_bar.mul_(c.precision_ema).add_((1 - c.precision_ema) * self.r)
+        return m
+
+    # --- protocol --------------------------------------------------------------------------
+    def _step(self, x: Tensor, y: Tensor, learn: bool) -> dict[str, float]:
+        """Settle once; write the weight update; then (if ``learn``) step the precisions on the
+        same settled errors."""
+        c = self.cfg
+        hs, iters, res = self.settle(x, y, noise=c.noise_std * c.noise_anneal**self.epoch)
+        clamped = apply_credit(self.net, x, hs, self.credits_from(x, hs), y)
+        m = self.learn_precisions(x, hs) if learn else self.error_power(x, hs)
         names = self.net.layer_names()
-        stats = {"loss": float(loss), "settle_iters": float(iters), "residual": res}
+        stats = {"loss": self.last_ff_loss, "term/clamped_loss": float(clamped),
+                 "settle_iters": float(iters), "residual": res,
+                 "settle/inference/tol": c.settle_tol,
+                 "settle/inference/cap": float(c.settle_iters)}
         pis = self.precision().detach()
         for i, n in enumerate(names):
             stats[f"precision/{n}"] = float(pis[i])
-            stats[f"term/pred_error/{n}"] = float(err_sq[i])
+            stats[f"term/pred_error/{n}"] = float(m[i])
         return {**stats, **grad_norms(self.net), **act_rms(names, hs)}
+
+    def update(self, x: Tensor, y: Tensor) -> dict[str, float]:
+        return self._step(x, y, learn=True)
+
+    def grads(self, x: Tensor, y: Tensor) -> dict[str, float]:
+        return self._step(x, y, learn=False)
+
+    def learn(self, x: Tensor, y: Tensor) -> dict[str, float]:
+        hs, _, _ = self.settle(x, y)
+        self.learn_precisions(x, hs)
+        return {}
 
     def credit(self, x: Tensor, y: Tensor) -> list[Tensor]:
         hs, _, _ = self.settle(x, y)

@@ -8,26 +8,20 @@ head only (output-local); the top state h_L uses it directly (S_L is the identit
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor, nn
 
+from models.config.ff import FFStateBridgeRule
 from models.ff.mlp import DeepMLP, act_rms, apply_credit, grad_norms, make_block
 from models.ff.rules.base import Rule
-
-
-@dataclass
-class StateBridgeConfig:
-    bridge_lr: float = 1e-3  # Adam, internal
-    seed: int = 0
 
 
 class StateBridge(Rule):
     name = "state_bridge"
 
-    def __init__(self, net: DeepMLP, cfg: StateBridgeConfig | None = None) -> None:
-        super().__init__(net, cfg or StateBridgeConfig())
+    def __init__(self, net: DeepMLP, cfg: FFStateBridgeRule | None = None,
+                 seed: int = 0) -> None:
+        super().__init__(net, cfg or FFStateBridgeRule(), seed)
         self.net: DeepMLP = net
         self.bridges = self.build(
             lambda: nn.ModuleList(make_block(net.cfg) for _ in range(net.cfg.depth)))
@@ -58,13 +52,17 @@ class StateBridge(Rule):
                 out.append(c)
         return [*out, g_top]
 
-    def update(self, x: Tensor, y: Tensor) -> dict[str, float]:
+    def learn(self, x: Tensor, y: Tensor) -> dict[str, float]:
         with torch.no_grad():
             hs = self.net.states(x)
-        rec = self.train_bridges(hs)
+        return {"term/state_bridge": self.train_bridges(hs)}
+
+    def grads(self, x: Tensor, y: Tensor) -> dict[str, float]:
+        with torch.no_grad():
+            hs = self.net.states(x)
         loss = apply_credit(self.net, x, hs, self.credits_from(hs, y), y)
-        stats = {"loss": float(loss), "term/state_bridge": rec}
-        return {**stats, **grad_norms(self.net), **act_rms(self.net.layer_names(), hs)}
+        return {"loss": float(loss), **grad_norms(self.net),
+                **act_rms(self.net.layer_names(), hs)}
 
     def credit(self, x: Tensor, y: Tensor) -> list[Tensor]:
         with torch.no_grad():
