@@ -13,12 +13,12 @@ mkdir -p runs/logs
 # Re-running resumes: finished stages are skipped, training continues from the last segment.
 [ -f data/tokens/meta.json ] || { $PY -m stages.prepare && $PY -m stages.bpe; }
 for r in $ROWS; do
-  ( { [ -f "runs/eqt_lm/$r/calibration.json" ] || $PY -m stages.calibrate --study eqt_lm --row "$r"; } \
+  ( { [ -f "runs/eqt_lm/calibration/$r.json" ] || $PY -m stages.calibrate --study eqt_lm --row "$r"; } \
     && $PY -m stages.train --study eqt_lm --row "$r" --seed 0 ) >> "runs/logs/$r.txt" 2>&1 &
 done
 wait
 for r in $ROWS; do
-  [ -f "runs/eqt_lm/$r/seed0/diagnostics.json" ] \
+  [ -f "runs/eqt_lm/diagnostics/$r/seed0.json" ] \
     || $PY -m stages.diagnose --study eqt_lm --row "$r" --seed 0 >> "runs/logs/$r.txt" 2>&1
 done
 $PY -m stages.report
