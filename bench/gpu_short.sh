@@ -10,15 +10,16 @@ export BPFREE_PROFILE=gpu-short PYTHONUNBUFFERED=1
 PY=${PYTHON:-python}
 ROWS=${*:-bp bptt ep ep_noaep}
 mkdir -p runs/logs
-$PY -m stages.prepare
-$PY -m stages.bpe
+# Re-running resumes: finished stages are skipped, training continues from the last segment.
+[ -f data/tokens/meta.json ] || { $PY -m stages.prepare && $PY -m stages.bpe; }
 for r in $ROWS; do
-  ( $PY -m stages.calibrate --study eqt_lm --row "$r" \
-    && $PY -m stages.train --study eqt_lm --row "$r" --seed 0 ) > "runs/logs/$r.txt" 2>&1 &
+  ( { [ -f "runs/eqt_lm/calibration/$r.json" ] || $PY -m stages.calibrate --study eqt_lm --row "$r"; } \
+    && $PY -m stages.train --study eqt_lm --row "$r" --seed 0 ) >> "runs/logs/$r.txt" 2>&1 &
 done
 wait
 for r in $ROWS; do
-  $PY -m stages.diagnose --study eqt_lm --row "$r" --seed 0 >> "runs/logs/$r.txt" 2>&1
+  [ -f "runs/eqt_lm/diagnostics/$r/seed0.json" ] \
+    || $PY -m stages.diagnose --study eqt_lm --row "$r" --seed 0 >> "runs/logs/$r.txt" 2>&1
 done
 $PY -m stages.report
 out=reports/gpu-short

@@ -51,7 +51,10 @@ class StabiliserConfig(Strict):
     and follows the residual, clipped to [floor, lam_max]; the floor must stay > 0 (log 003: two
     lambda -> 0 runs exploded while res read 0). With it off, ``jacreg`` is a fixed lambda.
     ``resreg``: weight of the residual penalty R (0 = off); ``gate``: free-phase residual above
-    which the task gradient is skipped (None = no gate)."""
+    which the task gradient is skipped (None = no gate). ``control``: the residual the controller
+    follows, ``final`` (after the adaptive continuation) or ``t1`` (after exactly T1 steps: what
+    evaluation and the BPTT unroll see; it keeps the dynamics contracting fast enough for a
+    T1-step unroll and a T2-step nudge, see ``models.eqt.ep``)."""
 
     controller: bool = True
     lam: Annotated[float, Field(gt=0)] = 0.1
@@ -63,6 +66,7 @@ class StabiliserConfig(Strict):
     jacreg: Annotated[float, Field(ge=0)] = 0.0
     resreg: Annotated[float, Field(ge=0)] = 0.0
     gate: Annotated[float, Field(gt=0)] | None = None
+    control: Literal["final", "t1"] = "final"
 
     @model_validator(mode="after")
     def _range(self) -> StabiliserConfig:

@@ -14,6 +14,36 @@ which for N = 2 (beta = +r, -r) is the centered a = (z_{-beta} - z_{+beta}) / (2
 estimate of the adjoint -J^{-T} dl/dz. The parameter gradient is one autograd call at the fixed
 point, g = d/dtheta [<a, F(z*; theta)> + l(z*; theta)] with a and z* detached: the embeddings
 are terms of F (through the clamp), the head is a term of l.
+
+What went wrong at log 003's scale, and the fix (GPU-scale issue; measurements in
+reports/gpu-short/README.md and tests/test_eqt_fast.py):
+
+- The nudge was beta times the gradient of the *batch-mean* loss. Per state element that is
+  beta (p - y) W_h / (B T): with B T = 16,384 tokens and the head at its init scale (0.02) about
+  1e-7..1e-6, so z+ and z- differ by a few ulps of an fp32 state of norm ~1 and by less than one
+  ulp once |z*| grows (ulp(30) = 2e-6, ulp(224) = 1.5e-5). The contrast (z- - z+)/2beta is then
+  rounding noise; the head's gradient (a term of l, not of a) stays right, so the global cosine
+  still reads ~1 while the attention groups lose their direction. A float64 run of the same
+  estimator matches the implicit gradient at cos 1.0; in fp32 at |z*| ~ 20 the attention-group
+  cosine falls to 0.71 (pinned by ``test_per_token_nudge_keeps_fp32_attention_gradients``).
+- Without a usable correction the estimator degenerates towards EP without AEP, and that row
+  shows the reported signature on its own: in the 2k-step GPU protocol ``ep_noaep`` has
+  attention q/k cosines to BPTT of -0.4..0.8 while |z*| runs from 1 to 218 with gradient norms
+  ~100 and a "converged" residual; AEP is what keeps the attention gradient (and |z*|) sane.
+- Fix: ``nudge_scale="token"`` (default) nudges every token's own loss with beta, i.e. the
+  summed loss, and divides the contrast by B T: the same estimator of the same mean-loss
+  gradient, with a per-element displacement ~B T times larger and independent of the batch
+  shape. beta then has log 003's meaning of a per-token nudge (the holomorphic radius likewise).
+- Two more parts of the recipe mattered at this scale. T2 = 20 steps (2 time units at eps 0.1)
+  truncates the adjoint once training slows the contraction: with the per-token nudge and a
+  controller on the final residual the cosine to BPTT fell to 0.70 (norm ratio 0.45) by step
+  1000 while |z*| stayed ~1.3. The GPU profiles use log 003's adaptive T2 (``adaptive_t2``; its
+  --t2sel 60 still truncated the adjoint at 2 of 8 checkpoints, cos 0.89 / 0.92, so t2_max is
+  100: cos >= 0.979 global and >= 0.913 per attention group at every checkpoint of the 2k-step
+  protocol) and a controller on the T1 residual (``StabiliserConfig.control = "t1"``: what
+  BPTT's unroll and evaluation see).
+- Also found: jacreg's theta-gradient through ``torch.func.jvp`` is wrong when LN inputs depend
+  on theta (qk-norm); jacreg now uses the closed-form J v (``models.eqt.stabilisers``).
 """
 
 from __future__ import annotations

@@ -699,10 +699,10 @@ class FastEQ:
             loss = float(self._out["loss"])
             stats: dict[str, float] = {"loss": loss, "term/ce": loss, "residual": res,
                                        "settle_iters": float(self.model.relax_cfg.t1)}
-            free_res = res
+            free_res = res_t1 = res
         else:
             free = self.free_phase(idx)
-            free_res = free.residual
+            free_res, res_t1 = free.residual, free.residual_t1
             gate_shut = stab.gate is not None and not free.residual <= stab.gate
             stats = {"residual": free.residual, "settle_iters": float(free.steps)}
             if gate_shut:
@@ -728,7 +728,8 @@ class FastEQ:
             if stab.resreg > 0:
                 stats["term/resreg"] = float(self._out["resreg"])
             grads = {n: task[n] + self._out[f"stab/{n}"] for n in task}
+        stats["residual_t1"] = res_t1
         if controller is not None:
-            controller.update(free_res)
+            controller.update(res_t1 if stab.control == "t1" else free_res)
         stats["grad/global"] = float(torch.sqrt(sum(g.pow(2).sum() for g in grads.values())))
         return grads, stats
