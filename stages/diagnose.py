@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 import typer
@@ -81,7 +82,8 @@ def _diagnose(cfg: Params, spec: RunSpec, force: bool, any_identity: bool) -> li
     result["metrics"].update({
         "best_val_loss": min(val),
         "final_val_loss": result["metrics"]["val_loss"],
-        "ms_per_step": sum(r["time/ms_per_step"] for r in logs) / max(1, len(logs)),
+        # median over logging windows: the steady step time (start-up and cosine checks aside)
+        "ms_per_step": float(np.median([r["time/ms_per_step"] for r in logs])),
         "peak_mem_mb": max(r["mem/peak_mb"] for r in logs),
         "steps": train_cfg.steps,
     })

@@ -16,11 +16,12 @@ from torch.func import jvp, vjp
 from models.config.eqt import BPTTRule, EPRule, FastConfig, NudgeConfig, StabiliserConfig
 from models.eqt.diagnostics import cosine, grad_cosines
 from models.eqt.ep import ep_gradients
-from models.eqt.fast import FastEQ, ThickOps
+from models.eqt.fast import FastEQ
 from models.eqt.implicit import ImplicitConfig, implicit_gradients
 from models.eqt.model import EqShape, EquilibriumLM, gradients
 from models.eqt.relax import RelaxConfig
 from models.eqt.stabilisers import JacregController
+from models.eqt.thick_ops import ThickOps
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -22,7 +22,9 @@ import torch
 from torch.func import jvp
 
 from models.config.eqt import StabiliserConfig
+from models.eqt.block import ThickBlock
 from models.eqt.relax import RelaxResult
+from models.eqt.thick_ops import ThickOps
 
 if TYPE_CHECKING:
     from models.eqt.model import EquilibriumLM
@@ -72,13 +74,10 @@ class JacregController:
 def jacobian_penalty(model: EquilibriumLM, z: torch.Tensor) -> torch.Tensor:
     """Hutchinson estimate of |J_nc(z)|_F^2 / numel(z), differentiable in theta (z detached).
 
-    For the thick block J v is the closed form of ``models.eqt.fast.ThickOps``: differentiating
+    For the thick block J v is the closed form of ``models.eqt.thick_ops.ThickOps``: differentiating
     ``torch.func.jvp`` through ``layer_norm`` in theta gives a wrong gradient (PyTorch 2.x; seen
     with qk-norm, whose LN input q depends on W_q: the q/k/ln1 jacreg gradients disagreed with
     finite differences), and the closed form is checked against both in the tests."""
-    from models.eqt.block import ThickBlock
-    from models.eqt.fast import ThickOps
-
     z = z.detach()
     probe = torch.randn_like(z)
     if isinstance(model.block, ThickBlock):

@@ -18,6 +18,7 @@ import pandas as pd
 
 from models.health.dynamics import FLOAT32_EPS, loss_limit_for
 from models.health.finding import Finding, Severity
+from models.health.run import run_all
 
 LOSS_KEYS = ("loss", "val_loss")
 
@@ -61,8 +62,6 @@ def live_guard(vocab_size: int | None = None, loss_limit: float | None = None, *
     """Adapter for ``training.segments.run_segment(guard=...)``: the fatal findings of the run so
     far as one message, or None. ``extras`` are ``run_all``'s (e.g. ``calibration_extras``:
     chance, untrained loss); ``history`` the rows of the run's earlier segments."""
-    from models.health import run_all  # the package imports this module
-
     ex = dict(extras or {})
     if loss_limit is not None:
         ex["loss_limit"] = loss_limit
