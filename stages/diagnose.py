@@ -79,9 +79,11 @@ def _diagnose(cfg: Params, spec: RunSpec, force: bool, any_identity: bool) -> li
     result = impl.diagnose(cfg, spec, trainer, device)
     logs = read_logs(spec.log_dir)
     val = [r["val_loss"] for r in logs if "val_loss" in r]
+    if val:  # studies whose evaluation reports a held-out loss
+        result["metrics"]["best_val_loss"] = min(val)
+    if "val_loss" in result["metrics"]:
+        result["metrics"]["final_val_loss"] = result["metrics"]["val_loss"]
     result["metrics"].update({
-        "best_val_loss": min(val),
-        "final_val_loss": result["metrics"]["val_loss"],
         # median over logging windows: the steady step time (start-up and cosine checks aside)
         "ms_per_step": float(np.median([r["time/ms_per_step"] for r in logs])),
         "peak_mem_mb": max(r["mem/peak_mb"] for r in logs),
@@ -96,7 +98,7 @@ def _diagnose(cfg: Params, spec: RunSpec, force: bool, any_identity: bool) -> li
                    "run_identity": state["identity"], "identity": identity,
                    "health": [f.to_dict() for f in findings]})
     io.write_json(spec.diagnostics, result)
-    print(f"diagnose: {spec.name()} val {result['metrics']['val_loss']:.4f}, "
+    print(f"diagnose: {spec.name()} val {result['metrics'].get('val_loss', float('nan')):.4f}, "
           f"{len(findings)} health findings -> {spec.diagnostics}")
     for finding in findings:
         print(f"  {finding}")
