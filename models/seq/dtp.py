@@ -28,7 +28,8 @@ pinv(W_d). They learn by difference reconstruction on noise-perturbed inputs,
 ||G(f(v + n)) - G(f(v)) - n||^2 / sigma^2, which makes the difference correction exact around
 the current state. An exact inverse of a contracting map expands differences (the decoder's
 pinv by ~5x at init, a leaky step by 1/(1 - a) per step back), so with ``keep_norm`` (default)
-each hop keeps the direction the inverse gives and the norm of the difference it came from
+each hop keeps the direction the inverse gives and the RMS per unit of the difference it came
+from (the state and latent parts of the decoder's inverse each)
 (``preserve_norm``): target norms neither vanish (log 000: 0.8 per layer leaves 0.8^5 = 0.33)
 nor explode through depth and time. g (``time_gain``) scales what a state target sends one step
 back; the state's difference sums the decoder's and the future's, so its norm is bounded by
@@ -175,11 +176,12 @@ class Inverses(nn.Module):
 
 
 def preserve_norm(diff: Tensor, like: Tensor) -> Tensor:
-    """``diff`` rescaled per row to the norm of ``like`` (the difference it was computed from):
-    the inverse gives the direction, the norm survives the hop. Zero rows stay zero."""
-    n = diff.norm(dim=-1, keepdim=True)
-    return torch.where(n > 0, diff * like.norm(dim=-1, keepdim=True) / n.clamp_min(1e-30),
-                       torch.zeros_like(diff))
+    """``diff`` rescaled per row to the RMS per unit of ``like`` (the difference it was computed
+    from): the inverse gives the direction, the magnitude per unit survives the hop (the norm,
+    when the widths are equal). Zero rows stay zero."""
+    n = diff.pow(2).mean(-1, keepdim=True).sqrt()
+    want = like.pow(2).mean(-1, keepdim=True).sqrt()
+    return torch.where(n > 0, diff * want / n.clamp_min(1e-30), torch.zeros_like(diff))
 
 
 def difference_targets(states: list[Tensor], tau_top: Tensor, inverses: list[nn.Module],
@@ -235,9 +237,9 @@ def targets(model: WorldModel, inv: Inverses, r: Rollout, y: Tensor, eta: float,
         (g_d,) = torch.autograd.grad(ce, d)
     tau_d = r.d - eta * g_d
     dc = inv.dec(tau_d) - inv.dec(r.d)
-    if keep_norm:
-        dc = preserve_norm(dc, tau_d - r.d)
     dh_dec, dz = dc.split([model.h_dim, model.cfg.latent], -1)
+    if keep_norm:  # per part: the state and the latent are parallel inputs of the decoder
+        dh_dec, dz = preserve_norm(dh_dec, tau_d - r.d), preserve_norm(dz, tau_d - r.d)
     dh = torch.zeros_like(dh_dec)
     carry = torch.zeros_like(dh_dec[0])
     for t in range(r.h.shape[0] - 1, -1, -1):
