@@ -37,8 +37,9 @@ class PrecisionConfig(Strict):
 class SettleConfig(Strict):
     """Settling (inference) of the PC hierarchy: gradient descent on the energy with step
     ``step`` / tau_l (tau_l bounds the curvature, so ``step`` < 2 is stable) until the
-    relative state change is at most ``tol`` or ``max_iters``. ``noise``: Langevin noise std at step 0, multiplied by 0.5 every ``noise_half_life`` steps
-    (log 001: noise injection, gradually reduced)."""
+    relative state change is at most ``tol`` or ``max_iters``. ``noise``: Langevin noise std
+    at step 0, multiplied by 0.5 every ``noise_half_life`` steps (log 001: noise injection,
+    gradually reduced)."""
 
     step: Annotated[float, Field(gt=0, lt=2)] = 1.0
     tol: Annotated[float, Field(gt=0, lt=1)] = 3e-4
