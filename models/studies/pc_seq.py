@@ -21,6 +21,7 @@ import math
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -254,6 +255,27 @@ class PCSeqStudy:
              ("settle_iters_avg", "settling iterations to tolerance"),
              ("pred_error_mean", "mean settled prediction error (per layer mean square)"),
              ("pc/error/h1", "settled prediction error, layer h1"), ("loss", "training CE"))
+
+    @staticmethod
+    def extra_markdown(frame: pd.DataFrame) -> str:
+        """Says plainly whether settling shortened over training (log 001: 30-40 -> 5-6), the
+        settled prediction error fell (~10x) and training needed no more memory than
+        inference."""
+        lines = ["### Does it reproduce log 001?", ""]
+        for row, g in frame.groupby("row", sort=False):
+            if "settle_iters_first" not in g or g["settle_iters_first"].isna().all():
+                continue
+            first, last = g["settle_iters_first"].mean(), g["settle_iters_last"].mean()
+            drop = g["pred_error_drop"].mean()
+            ratio = g["mem_ratio"].mean()
+            lines.append(
+                f"- **{row}**: settling iterations {'fall' if last < first else 'do NOT fall'} "
+                f"over training ({first:.1f} -> {last:.1f}, mean of {len(g)} seeds; the log: "
+                f"30-40 -> 5-6); the settled prediction error falls {drop:.2f}x (the log: ~10x); "
+                f"a training step needs {ratio:.2f}x the working memory of inference (the log: "
+                f"equal) vs {g['mem_bp_settle_mb'].mean() / g['mem_infer_mb'].mean():.1f}x for "
+                f"backprop through the same settling.")
+        return "\n".join(lines)
 
     def build_trainer(self, params: Params, spec: RunSpec, calibration: dict[str, Any],
                       device: torch.device) -> PCSeqTrainer:
