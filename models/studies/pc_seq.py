@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from models import io
 from models.config import Params, TrainConfig
 from models.config.seq import PCModelConfig, PCRule, PCSeqConfig, SeqBPRule
 from models.data.tokens import TokenStream
@@ -244,6 +245,7 @@ class PCSeqStudy:
     columns = (("final_val_loss", "val CE"), ("best_val_loss", "best val CE"),
                ("ce_over_ln_vocab", "CE / ln V"), ("val_acc", "val acc"),
                ("chance_acc", "chance acc"),
+               ("settle_iters_init", "settle iters (init)"),
                ("settle_iters_first", "settle iters (first)"),
                ("settle_iters_last", "settle iters (last)"),
                ("settle_iters_val", "settle iters (held-out)"),
@@ -266,11 +268,13 @@ class PCSeqStudy:
             if "settle_iters_first" not in g or g["settle_iters_first"].isna().all():
                 continue
             first, last = g["settle_iters_first"].mean(), g["settle_iters_last"].mean()
+            init = g["settle_iters_init"].mean() if "settle_iters_init" in g else math.nan
             drop = g["pred_error_drop"].mean()
             ratio = g["mem_ratio"].mean()
             lines.append(
                 f"- **{row}**: settling iterations {'fall' if last < first else 'do NOT fall'} "
-                f"over training ({first:.1f} -> {last:.1f}, mean of {len(g)} seeds; the log: "
+                f"over training ({first:.1f} in the first logged window -> {last:.1f} in the "
+                f"last, {init:.1f} at initialisation; mean of {len(g)} seeds; the log: "
                 f"30-40 -> 5-6); the settled prediction error falls {drop:.2f}x (the log: ~10x); "
                 f"a training step needs {ratio:.2f}x the working memory of inference (the log: "
                 f"equal) vs {g['mem_bp_settle_mb'].mean() / g['mem_infer_mb'].mean():.1f}x for "
@@ -339,6 +343,8 @@ class PCSeqStudy:
         if isinstance(trainer.rule, PCRule):
             iters = [_settle_only(trainer, *trainer.batch(stream)).iters for _ in range(4)]
             metrics["settle_iters_val"] = float(np.mean(iters))
+            metrics["settle_iters_init"] = float(io.read_json(spec.calibration)
+                                                 .get("init_settle_iters", math.nan))
             logs = [r for r in read_logs(spec.log_dir) if "settle_iters_avg" in r]
             if logs:
                 metrics["settle_iters_first"] = logs[0]["settle_iters_avg"]
