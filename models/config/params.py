@@ -22,6 +22,7 @@ from models.config.base import ConfigError, Strict, StudyConfig, deep_merge, for
 from models.config.data import DataConfig
 from models.config.eqt import LMStudyConfig
 from models.config.ff import RulesLadderConfig, RulesLQConfig, RulesVisionConfig
+from models.config.seq import DTPWMConfig, PCSeqConfig
 
 S = TypeVar("S", bound=StudyConfig)
 
@@ -38,6 +39,8 @@ class StudiesConfig(Strict):
     rules_vision: RulesVisionConfig | None = None
     rules_ladder: RulesLadderConfig | None = None
     rules_lq: RulesLQConfig | None = None
+    pc_seq: PCSeqConfig | None = None
+    dtp_wm: DTPWMConfig | None = None
 
 
 class HealthConfig(Strict):

@@ -26,6 +26,8 @@ STUDIES: dict[str, StudyEntry] = {
     "rules_vision": StudyEntry("RulesVisionStudy", ("mnist1d",)),
     "rules_ladder": StudyEntry("RulesLadderStudy", ()),
     "rules_lq": StudyEntry("RulesLQStudy", ()),
+    "pc_seq": StudyEntry("PCSeqStudy", ("tokens",)),
+    "dtp_wm": StudyEntry("DTPWMStudy", ("tokens",)),
 }
 
 __all__ = ["STUDIES", "Study", "StudyEntry", "Trainer", "get_study", "study_datasets"]
