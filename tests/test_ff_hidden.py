@@ -32,7 +32,8 @@ def xor(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 def net_for(energy: bool) -> torch.nn.Module:
     torch.manual_seed(0)
     if energy:
-        return EnergyMLP(EnergyMLPConfig(d_in=8, d_out=2, hidden=[32, 32], free_steps=40))
+        return EnergyMLP(EnergyMLPConfig(d_in=8, d_out=2, hidden=[32, 32], free_steps=40,
+                                         tol=1e-5))
     return DeepMLP(MLPConfig(d_in=8, d_out=2, width=32, depth=2, d_ff=64))
 
 
