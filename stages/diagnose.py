@@ -90,7 +90,10 @@ def _diagnose(cfg: Params, spec: RunSpec, force: bool, any_identity: bool) -> li
         "steps": train_cfg.steps,
     })
     config = run_config(cfg, spec)
-    extras = {**calibration_extras(calibration), **result.pop("extras", {}),
+    references = calibration_extras(calibration)
+    kind = config["rule"].get("kind")  # a baseline row is not judged against itself
+    references["baselines"] = [b for b in references.get("baselines", []) if b["name"] != kind]
+    extras = {**references, **result.pop("extras", {}),
               "config_train": state.get("config") or config, "config_eval": config,
               "metrics": result["metrics"], "warmup_steps": train_cfg.warmup_steps}
     findings = run_all(pd.DataFrame.from_records(logs), extras, run=spec.name())
