@@ -6,9 +6,11 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from models.config import deep_merge
@@ -52,3 +54,12 @@ def tool(name: str) -> str:
     """Path of a console script installed next to this Python (snakemake, dvc)."""
     path = Path(sys.executable).parent / name
     return str(path) if path.exists() else name
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Small float64 nets: one torch thread is faster and keeps reductions in one order."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

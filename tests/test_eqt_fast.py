@@ -7,8 +7,6 @@ compiled path against the eager fp32 path at the tolerances of the GPU-speed iss
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from torch.func import jvp, vjp
@@ -23,13 +21,7 @@ from models.eqt.relax import RelaxConfig
 from models.eqt.stabilisers import JacregController
 from models.eqt.thick_ops import ThickOps
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(seed: int, qk_norm: bool = False, dtype: torch.dtype = torch.float64,

@@ -53,6 +53,16 @@ if TYPE_CHECKING:
     from models.eqt.model import EquilibriumLM
 
 
+
+def _copy_grads(out: dict[str, torch.Tensor], names: tuple[str, ...],
+                grads: tuple[torch.Tensor | None, ...]) -> None:
+    """Write autograd's gradients into a graph's static buffers (zeros where unused)."""
+    for name, g in zip(names, grads, strict=True):
+        if g is None:
+            out[name].zero_()
+        else:
+            out[name].copy_(g)
+
 def _grad_dict(model: nn.Module, gs: tuple[torch.Tensor | None, ...]) -> dict[str, torch.Tensor]:
     return {n: torch.zeros_like(p) if g is None else g
             for (n, p), g in zip(model.named_parameters(), gs, strict=True)}
@@ -413,11 +423,7 @@ class FastEQ:
                 gs = torch.autograd.grad(s, params, allow_unused=True)
             with torch.no_grad():
                 loss_out.copy_(ce.detach().to(self.dtype))
-                for n, g in zip(names, gs, strict=True):
-                    if g is None:
-                        grads_out[n].zero_()
-                    else:
-                        grads_out[n].copy_(g)
+                _copy_grads(grads_out, names, gs)
 
         graph = _Graphed(run, self.use_graphs, self.pool)
         self._cache[key] = graph
@@ -456,11 +462,7 @@ class FastEQ:
                     jr_out.copy_(jr.detach())
                 if resreg > 0:
                     rr_out.copy_(rr.detach())
-                for n, g in zip(names, gs, strict=True):
-                    if g is None:
-                        grads_out[n].zero_()
-                    else:
-                        grads_out[n].copy_(g)
+                _copy_grads(grads_out, names, gs)
 
         graph = _Graphed(run, self.use_graphs, self.pool)
         self._cache[key] = graph
