@@ -14,7 +14,7 @@ import yaml
 
 from models.config.params import read_yaml
 from models.dag import render_dvc_yaml
-from models.identity import closure, find_cycle, import_graph, stage_code
+from models.identity import closure, coarsen, find_cycle, import_graph, stage_code
 from tests.conftest import ROOT, tool
 
 
@@ -26,6 +26,19 @@ def test_committed_dvc_yaml_is_generated_from_the_dag() -> None:
 
 def _under(path: str, dirs: list[str]) -> bool:
     return any(path == d or path.startswith(d.rstrip("/") + "/") for d in dirs)
+
+
+def _is_code(dep: str) -> bool:
+    return dep.split("/")[0] in ("models", "stages")
+
+
+def _code_files(dep: str) -> set[str]:
+    """A DVC code dep as files: a directory stands for every file under it."""
+    path = ROOT / dep
+    if path.is_file():
+        return {dep}
+    return {str(p.relative_to(ROOT)) for p in path.rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts}
 
 
 def _snakemake_jobs() -> list[dict[str, object]]:
@@ -69,8 +82,8 @@ def test_snakefile_and_dvc_yaml_describe_the_same_dag() -> None:
         outs = [o if isinstance(o, str) else next(iter(o)) for o in stage["outs"]]
         outs += [next(iter(m)) for m in stage.get("metrics", [])]
         deps = [d for d in stage["deps"] if not d.startswith("profiles/")]
-        dvc_code = {d for d in deps if d.endswith(".py")}
-        dvc_data = [d for d in deps if not d.endswith(".py")]
+        dvc_code = {f for d in deps if _is_code(d) for f in _code_files(d)}
+        dvc_data = [d for d in deps if not _is_code(d)]
         covered: set[str] = set()
         for job in jobs:
             cmd = re.sub(r" --(row|seed|segment) \S+", "", str(job["cmd"]))
@@ -96,6 +109,17 @@ def test_code_deps_follow_imports_per_study() -> None:
     assert {"models/data/tokens.py", "models/health/__init__.py",
             "models/training/segments.py"} <= lm  # what train imports, found without a list
     assert "models/studies/rules_lq.py" not in lm  # studies load lazily: no cross-study deps
+
+
+def test_coarse_code_deps_name_the_same_files(tmp_path: Path) -> None:
+    """A directory replaces its files only when every file under it is a dep (bytecode aside)."""
+    for rel in ("m/__init__.py", "m/a.py", "m/sub/__init__.py", "m/sub/b.py", "m/c/x.py",
+                "m/c/y.py", "m/sub/__pycache__/b.cpython-311.pyc"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("")
+    deps = ["m/__init__.py", "m/a.py", "m/sub/__init__.py", "m/sub/b.py", "m/c/x.py"]
+    assert coarsen(deps, tmp_path) == ["m/sub", "m/__init__.py", "m/a.py", "m/c/x.py"]
+    assert coarsen([*deps, "m/c/y.py"], tmp_path) == ["m"]
 
 
 def test_import_graph_sees_relative_and_function_imports(tmp_path: Path) -> None:
