@@ -144,9 +144,12 @@ def main() -> None:
         return step
 
     modes = {"eager": None, "fast": FastConfig(), "fast_bf16": FastConfig(bf16=True)}
+    # BPTT's backward step: autograd through sdpa (the default) vs the closed form
+    closed = {"fast_closed": FastConfig(bptt_attention="closed"),
+              "fast_closed_bf16": FastConfig(bf16=True, bptt_attention="closed")}
     for rule, cfg in (("ep_tracking_aep", ep_cfg), ("bptt", bptt_cfg)):
         row: dict[str, Any] = {}
-        for mode, fcfg in modes.items():
+        for mode, fcfg in {**modes, **(closed if rule == "bptt" else {})}.items():
             if rule == "bptt" and mode == "eager" and args.skip_eager_bptt:
                 continue
             base = _fresh(device)
@@ -181,13 +184,16 @@ def main() -> None:
         g, _ = fn()
         return {n: x.detach().clone() for n, x in g.items()}
 
-    engines = {"fast": FastEQ(eq, FastConfig()), "fast_bf16": FastEQ(eq, FastConfig(bf16=True))}
+    engines = {name: FastEQ(eq, fcfg) for name, fcfg in {**modes, **closed}.items()
+               if fcfg is not None}
     for rule, cfg in (("ep_tracking_aep", ep_cfg), ("bptt", bptt_cfg)):
         if rule == "bptt" and args.skip_eager_bptt:
             continue
         _fresh(device)
         ref = grads_of(lambda cfg=cfg: gradients(eq, idx, tgt, cfg, JacregController()))
         for name, eng in engines.items():
+            if rule != "bptt" and name in closed:
+                continue
             g = grads_of(lambda eng=eng, cfg=cfg: eng.gradients(idx, tgt, cfg, JacregController()))
             results["cosine"][f"{rule}/{name}"] = grad_cosines(g, ref)
         del ref
@@ -249,6 +255,13 @@ def _report(results: dict[str, Any]) -> None:
               f"{e['ms_per_step'] / f['ms_per_step']:>7.1f}{bf['ms_per_step']:>10.1f}"
               f"{e['ms_per_step'] / bf['ms_per_step']:>7.1f}{e['peak_mb']:>10.0f}"
               f"{f['peak_mb']:>10.0f}{bf['peak_mb']:>10.0f}")
+    for name, row in results["steps"].items():
+        for mode in (m for m in row if m.startswith("fast_closed")):
+            e = row.get("eager", {"ms_per_step": float("nan")})
+            print(f"{name + ' ' + mode[5:]:<16}{e['ms_per_step']:>10.1f}"
+                  f"{row[mode]['ms_per_step']:>10.1f}"
+                  f"{e['ms_per_step'] / row[mode]['ms_per_step']:>7.1f}"
+                  f"{'':>17}{row[mode]['peak_mb']:>20.0f}")
     fl = results["ep_fast_t1_scaling"]
     vals = list(fl.values())
     print("EP fast peak MB vs T1: " + ", ".join(f"{k}: {r['peak_mb']:.0f}" for k, r in fl.items())

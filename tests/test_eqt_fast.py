@@ -121,7 +121,7 @@ def test_fast_gate_skips_the_task_gradient() -> None:
     _close(g, g_ref)
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "materialized"])
+@pytest.mark.parametrize("attention", ["sdpa", "materialized", "closed"])
 def test_fast_bptt_is_the_exact_unroll_gradient(attention: str) -> None:
     model, idx, tgt = make(4, qk_norm=True, relax_cfg=RelaxConfig(eps=0.2, t1=25, t1max=25))
     fast = FastEQ(model, FastConfig(graphs=False, compile=False,
@@ -167,10 +167,11 @@ def test_fast_path_matches_eager_fp32_on_cuda(bf16: bool) -> None:
     relax_cfg = RelaxConfig(eps=0.1, t1=150, t1max=300, res_target=1e-4)
     model, idx, tgt = make(0, dtype=torch.float32, relax_cfg=relax_cfg, b=8, t=64, c=64,
                            device="cuda")
-    for cfg in (EPRule(stab=StabiliserConfig(jacreg=0.1, controller=False)), BPTTRule()):
+    ep = EPRule(stab=StabiliserConfig(jacreg=0.1, controller=False))
+    for cfg, backward in ((ep, "sdpa"), (BPTTRule(), "sdpa"), (BPTTRule(), "closed")):
         torch.manual_seed(0)
         g_ref, _ = gradients(model, idx, tgt, cfg)
-        fast = FastEQ(model, FastConfig(bf16=bf16))
+        fast = FastEQ(model, FastConfig(bf16=bf16, bptt_attention=backward))  # type: ignore[arg-type]
         torch.manual_seed(0)
         g, _ = fast.gradients(idx, tgt, cfg)
         cos = grad_cosines({n: x.clone() for n, x in g.items()}, g_ref)

@@ -121,8 +121,9 @@ class FastConfig(Strict):
     no effect without CUDA (the eager rules run), so CPU results never depend on it. ``bf16``:
     autocast where the estimator tolerates it; ``tf32``: TF32 matmuls outside the nudged forces;
     ``nudge``: tracking-AEP in ``differential`` (common/differential-mode, one vjp per step) or
-    ``lockstep`` form (the eager loop, captured); ``bptt_attention``: fused (``sdpa``) or
-    explicit-softmax attention in BPTT's backward steps."""
+    ``lockstep`` form (the eager loop, captured); ``bptt_attention``: BPTT's backward steps by
+    autograd through fused (``sdpa``) or explicit-softmax (``materialized``) attention, or in
+    closed form (``closed``, ``ThickOps.backward``: no autograd, compiled as one step)."""
 
     enabled: bool = False
     graphs: bool = True
@@ -130,7 +131,7 @@ class FastConfig(Strict):
     bf16: bool = False
     tf32: bool = True
     nudge: Literal["differential", "lockstep"] = "differential"
-    bptt_attention: Literal["sdpa", "materialized"] = "sdpa"
+    bptt_attention: Literal["sdpa", "materialized", "closed"] = "sdpa"
 
 
 class BPRule(Strict):

@@ -21,7 +21,10 @@ What makes it fast, and why each piece keeps the estimator unchanged:
   device with ``torch.where`` (no sync).
 - BPTT keeps only the T1 + 1 states z_t (1.2 GB at the log's shape instead of 28 GB of
   activations) and backpropagates step by step, recomputing each step's internals: activation
-  checkpointing at step granularity, still the exact gradient of the T1-step unroll.
+  checkpointing at step granularity, still the exact gradient of the T1-step unroll. Each
+  backward step is either autograd through the recomputed interaction (``bptt_attention`` =
+  ``sdpa`` / ``materialized``) or ``ThickOps.backward`` (``closed``): J^T lambda and the
+  parameter cotangents in closed form, compiled into one fused step.
 - bf16 (optional): autocast in the free phase, the contrast gradient, the AEP correction and the
   stabilisers; the state, the residual and the nudged forces stay fp32. The nudged phase's
   signal is the *difference* z+ - z- (O(beta) per token, see ``models.eqt.ep``), and the forces
@@ -132,6 +135,7 @@ class FastEQ:
         self._jvp = wrap(self.ops.jvp, dynamic=False)
         self._vjp = wrap(self.ops.vjp, dynamic=False)
         self._interaction_mat = wrap(self.ops.interaction_materialized, dynamic=False)
+        self._backward = wrap(self.ops.backward, dynamic=False)
         self._nudge_step = self._nudge_step_eager
 
     # ---- precision contexts
@@ -507,10 +511,16 @@ class FastEQ:
                 acc = [torch.zeros_like(p) for p in block_params]
                 gx = torch.zeros_like(lam)
                 for i in range(rc.t1 - 1, -1, -1):
-                    zi = states[i].detach().requires_grad_(True)
-                    h = (self._interaction_mat(zi) if self.cfg.bptt_attention == "materialized"
-                         else self._interaction(zi))
-                    out = torch.autograd.grad(h, [zi, *block_params], lam.to(h.dtype))
+                    if self.cfg.bptt_attention == "closed":
+                        with torch.no_grad():
+                            gz, pg = self._backward(states[i], lam)
+                        out = (gz, *(pg[n[len("block."):]] for n in block_names))
+                    else:
+                        zi = states[i].detach().requires_grad_(True)
+                        h = (self._interaction_mat(zi)
+                             if self.cfg.bptt_attention == "materialized"
+                             else self._interaction(zi))
+                        out = torch.autograd.grad(h, [zi, *block_params], lam.to(h.dtype))
                     for a_, g in zip(acc, out[1:], strict=True):
                         a_.add_(g, alpha=eps)
                     gx.add_(lam, alpha=eps)

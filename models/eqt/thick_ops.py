@@ -118,7 +118,8 @@ class ThickOps:
         x2, n2, r2 = _ln(z, blk.ln2)
         a = F.linear(x2, blk.ffn.fc.weight, blk.ffn.fc.bias)
         return {"n1": n1, "r1": r1, "q": q, "k": k, "v": v, "nq": nq, "rq": rq, "nk": nk,
-                "rk": rk, "p": p, "y": y, "scale": scale, "n2": n2, "r2": r2, "a": a}
+                "rk": rk, "p": p, "y": y, "scale": scale, "n2": n2, "r2": r2, "a": a,
+                "x1": x1, "x2": x2}
 
     def _tangent(self, pr: dict[str, Any], dz: torch.Tensor) -> torch.Tensor:
         """J v of h at the primal point (forward mode, closed form)."""
@@ -152,6 +153,54 @@ class ThickOps:
         gx2 = ga @ blk.ffn.fc.weight
         return (_ln_c(gx1, pr["n1"], pr["r1"], blk.ln1)
                 + _ln_c(gx2, pr["n2"], pr["r2"], blk.ln2))
+
+    def backward(self, z: torch.Tensor, u: torch.Tensor,
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """J^T u and the parameter cotangents (d h / d theta)^T u, keyed like the block's
+        ``named_parameters()``: one BPTT backward step without autograd (the same reverse-mode
+        chain as ``_cotangent``, with each layer's weight gradient read off its input and output
+        cotangent), so ``torch.compile`` can fuse it."""
+        blk, att = self.b, self.b.attn
+        pr = self._primal(z)
+
+        def wgrad(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # sum_rows g^T x
+            return g.reshape(-1, g.shape[-1]).transpose(0, 1) @ x.reshape(-1, x.shape[-1])
+
+        def rows(g: torch.Tensor) -> torch.Tensor:  # sum over every axis but the last
+            return g.reshape(-1, g.shape[-1]).sum(0)
+
+        grads: dict[str, torch.Tensor] = {}
+        # FFN: h_ffn = W2 GELU(W1 LN2 z + b1) + b2
+        hid = F.gelu(pr["a"], approximate="tanh")
+        grads["ffn.proj.weight"], grads["ffn.proj.bias"] = wgrad(u, hid), rows(u)
+        ga = _gelu_grad(pr["a"]) * (u @ blk.ffn.proj.weight)
+        grads["ffn.fc.weight"], grads["ffn.fc.bias"] = wgrad(ga, pr["x2"]), rows(ga)
+        gx2 = ga @ blk.ffn.fc.weight
+        # attention: h_attn = W_o merge(P V) + b_o
+        grads["attn.o.weight"] = wgrad(u, self._merge(pr["y"]))
+        grads["attn.o.bias"] = rows(u)
+        gy = self._split(u @ att.o.weight)
+        p = pr["p"]
+        gp = gy @ pr["v"].transpose(-2, -1)
+        gv = self._merge(p.transpose(-2, -1) @ gy)
+        gs = p * (gp - (gy * pr["y"]).sum(-1, keepdim=True)) * pr["scale"]
+        gq_n, gk_n = gs @ pr["k"], gs.transpose(-2, -1) @ pr["q"]  # cotangents of q, k
+        if not isinstance(att.q_norm, nn.Identity):
+            grads["attn.q_norm.weight"] = rows(gq_n * pr["nq"])
+            grads["attn.q_norm.bias"] = rows(gq_n)
+            grads["attn.k_norm.weight"] = rows(gk_n * pr["nk"])
+            grads["attn.k_norm.bias"] = rows(gk_n)
+        gq = self._merge(_ln_c(gq_n, pr["nq"], pr["rq"], att.q_norm))
+        gk = self._merge(_ln_c(gk_n, pr["nk"], pr["rk"], att.k_norm))
+        x1 = pr["x1"]
+        for name, g in (("q", gq), ("k", gk), ("v", gv)):
+            grads[f"attn.{name}.weight"], grads[f"attn.{name}.bias"] = wgrad(g, x1), rows(g)
+        gx1 = gq @ att.q.weight + gk @ att.k.weight + gv @ att.v.weight
+        # the two LayerNorms on z
+        grads["ln1.weight"], grads["ln1.bias"] = rows(gx1 * pr["n1"]), rows(gx1)
+        grads["ln2.weight"], grads["ln2.bias"] = rows(gx2 * pr["n2"]), rows(gx2)
+        gz = _ln_c(gx1, pr["n1"], pr["r1"], blk.ln1) + _ln_c(gx2, pr["n2"], pr["r2"], blk.ln2)
+        return gz, grads
 
     def jvp(self, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return self._tangent(self._primal(z), v)
