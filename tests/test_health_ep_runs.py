@@ -77,6 +77,26 @@ def test_diverged_ep_runaway_norms_are_named(diverged: tuple[Path, dict]) -> Non
     assert f["run"] == RUN and f["evidence"]["ratio"] > 10 and "grad/block." in f["message"]
 
 
+def test_diverged_ep_at_the_float_floor_is_a_frozen_explosion(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              ) -> None:
+    """The issue's run: the loss explodes while the free-phase residual reads ~3e-8. Here the
+    same diverging recipe relaxes to the float floor (res_target 5e-8: every free phase runs
+    until eps F is rounding noise of z), so the residual says "converged" throughout the
+    blow-up, and frozen_explosion must name it, fatal, on the trace columns it read."""
+    monkeypatch.chdir(tmp_path)
+    hr.write_corpus(300)
+    p = diverging_params()
+    p["studies"]["eqt_lm"]["rules"]["ep"]["relax"] = {"eps": 0.25, "t1": 8, "t1max": 48,
+                                                      "res_target": 5e-8}
+    diag = hr.run(p, "eqt_lm", "ep")
+    (frozen,) = by_detector(diag, "frozen_explosion")
+    assert frozen["severity"] == "fatal" and frozen["run"] == RUN, hr.show(diag["health"])
+    assert frozen["evidence"]["residual"] <= 1.2e-6 < 1e-4  # "converged" by any tolerance
+    assert frozen["evidence"]["loss"] > 1.5 * diag["metrics"]["ln_vocab"]
+    assert frozen["where"].startswith("trace columns residual, loss")
+
+
 def copy_run(src: Path, dst: Path) -> None:
     """The run's directory tree (runs/, data/) under another root, as if moved elsewhere."""
     for name in ("runs", "data"):
