@@ -120,6 +120,22 @@ def test_live_guard_stops_the_diverging_segment(diverged: tuple[Path, dict], tmp
     assert not SPEC.ckpt(1).exists()
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_live_guard_stops_the_diverging_segment_on_cuda(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same recipe trained on the GPU from scratch: the guard reads the CUDA run's own
+    trace (device tensors, asynchronous steps) and stops segment 1, keeping segment 0."""
+    monkeypatch.chdir(tmp_path)
+    hr.write_corpus(300)
+    p = diverging_params(live_guard=True) | {"device": "cuda"}
+    with pytest.raises(GuardStop, match="worse_than_chance|runaway_norms|frozen_explosion"):
+        hr.run(p, "eqt_lm", "ep")
+    assert checkpoint.is_valid(SPEC.ckpt(0), identity=run_identity(validate_params(p), SPEC),
+                               step=40)
+    assert not SPEC.ckpt(1).exists()
+
+
 def test_diagnose_on_a_moved_run_without_its_device(diverged: tuple[Path, dict],
                                                     tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
