@@ -143,3 +143,21 @@ def test_complex_force_extends_the_real_force() -> None:
     real = model.block(z, x_in)
     cplx = model.block.forward_complex(z.to(torch.complex128), x_in.to(torch.complex128))
     assert torch.allclose(cplx.real, real, atol=1e-12) and cplx.imag.abs().max() < 1e-12
+
+
+def test_fp32_implicit_reference_matches_float64_and_refuses_unconverged() -> None:
+    """The diagnose stage's reference: the implicit gradient solved in fp32 to 1e-6 is the
+    float64 one; an unconverged free phase gives no reference (and says why), never a wrong one."""
+    from models.eqt.implicit import reference_gradients
+
+    model, idx, tgt = make(1)
+    g64, _ = implicit_gradients(model, idx, tgt)
+    m32 = EquilibriumLM(model.shape, RelaxConfig(eps=0.2, t1=100, t1max=3000, res_target=1e-6))
+    m32.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    g32, stats = reference_gradients(m32, idx, tgt)
+    assert g32 is not None and stats["adjoint_residual"] <= 1e-6
+    assert cosine(g32, g64) > 1 - 1e-6
+    short = EquilibriumLM(model.shape, RelaxConfig(eps=0.2, t1=3, t1max=3, res_target=1e-6))
+    short.load_state_dict(m32.state_dict())
+    none, why = reference_gradients(short, idx, tgt)
+    assert none is None and "converged free phase" in str(why["reason"])
