@@ -116,3 +116,29 @@ def test_report_health_summary_lists_rows_worst_first() -> None:
     assert lines == ["- **fatal** ✖ `s/a`: worse_than_chance, divergence",
                      "- **error** ⚠ `s/b`: learns_nothing"]
     assert "no run" in health_summary(findings[3:])[0]
+
+
+def test_chance_excursion_needs_two_training_rows_or_one_validation_row() -> None:
+    losses = [4.3, 3.5, 3.0, 2.8, 5.0, 2.7, 2.6, 2.6]  # one batch above ln V: noise
+    trace = pd.DataFrame({"step": range(10, 90, 10), "loss": losses})
+    assert worse_than_chance(trace, LN_V) == []
+    trace.loc[5, "loss"] = 4.9  # two consecutive rows: a phase
+    (found,) = worse_than_chance(trace, LN_V)
+    assert found.severity == Severity.WARNING and found.evidence["rows_over"] == 2
+    val = pd.DataFrame({"step": range(10, 90, 10), "val_loss": [4.3, 3.5, 3.0, 2.8, 9.0, 2.7,
+                                                                 2.6, 2.6]})
+    (found,) = worse_than_chance(val, LN_V)  # a held-out average counts alone; 2x chance: error
+    assert found.severity == Severity.ERROR and found.evidence["peak_step"] == 50
+
+
+def test_norm_excursion_reads_states_and_global_norms_only() -> None:
+    from models.health.norms import norm_excursions
+
+    steps = range(50, 550, 50)
+    z = [1.0, 1.1, 1.2, 5, 40, 150, 60, 3, 1.5, 1.3]  # ran away, came back
+    key_grad = [0.005, 0.005, 0.01, 0.1, 0.6, 0.3, 0.1, 0.1, 0.09, 0.09]  # from near zero
+    trace = pd.DataFrame({"step": steps, "act/z_star": z, "grad/block.attn.k.weight": key_grad})
+    (found,) = norm_excursions(trace)
+    assert found.severity == Severity.WARNING and "act/z_star" in found.message
+    trace["act/z_star"] = [1.0, 1.1, 1.2, 5, 40, 150, 60, 30, 25, 24]  # and stayed
+    assert norm_excursions(trace)[0].severity == Severity.ERROR

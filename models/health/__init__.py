@@ -19,7 +19,9 @@ log (one row per logged step, CONVENTIONS prefixes); ``extras`` holds diagnostic
   ``self_coherence_groups`` (+ ``_ref``) -> estimator_sign per group
 
 ``calibration_extras`` turns what calibration recorded (``calibration.json["health"]``) into
-these keys. Detectors on the trace alone: runaway_norms, divergence, settling_at_cap.
+these keys. Detectors on the trace alone: runaway_norms, norm_excursions, divergence,
+settling_at_cap; worse_than_chance and estimator_sign also flag mid-run episodes (a run that
+went worse than chance or pointed uphill for a while and came back).
 
 Severities: fatal = the run's numbers are meaningless (NaN, a frozen or far-above-chance
 explosion, norms up 1000x; the live guard stops on these); error = the row's result is suspect

@@ -42,9 +42,10 @@ def estimator_sign(trace: pd.DataFrame, metrics: Mapping[str, Any] | None = None
         if after.empty:
             continue
         med = float(after.median())
-        if med >= max_cos:
-            continue
         steps = after.index.to_numpy()
+        if med >= max_cos:
+            out += _intermittent_sign(group, after, max_cos_single, warmup_steps)
+            continue
         out.append(Finding(
             detector="estimator_sign", severity=Severity.ERROR,
             message=(f"cos(g_rule, g_ref) on parameter group {group} is {med:+.3f} (median of "
@@ -69,6 +70,28 @@ def estimator_sign(trace: pd.DataFrame, metrics: Mapping[str, Any] | None = None
             where=f"diagnostics metric {key}; the rule's credit for that group/layer",
             evidence={"cos": float(value)}))
     return out
+
+
+def _intermittent_sign(group: str, after: pd.Series, max_cos: float,
+                       warmup_steps: int) -> list[Finding]:
+    """Warning: a group whose median cosine is fine but that pointed clearly uphill at two or
+    more checkpoints (each below ``max_cos``, the single-measurement bar): an estimator that
+    flips sign with the state (the GPU protocol's EP without AEP: attn.q -0.57, -0.02, -0.28 at
+    three of eight checkpoints, median +0.34)."""
+    bad = after[after < max_cos]
+    if len(bad) < 2:
+        return []
+    listed = ", ".join(f"{v:+.2f} at step {k}" for k, v in bad.items())
+    return [Finding(
+        detector="estimator_sign", severity=Severity.WARNING,
+        message=(f"cos(g_rule, g_ref) on parameter group {group} was below {max_cos:+.1f} at "
+                 f"{len(bad)} of {after.size} checkpoints after the {warmup_steps}-step warm-up "
+                 f"({listed}; median {float(after.median()):+.3f}): the estimator points uphill "
+                 "at times"),
+        where=f"trace column cos/{group} at those steps; the state norms and the estimator's "
+              "correction then",
+        evidence={"checkpoints_below": float(len(bad)), "min_cos": float(bad.min()),
+                  "median_cos": float(after.median())})]
 
 
 def group_self_coherence(groups: Mapping[str, float],

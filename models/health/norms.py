@@ -16,6 +16,8 @@ from models.health.finding import Finding, Severity
 
 NORM_PREFIXES = ("act/", "grad/", "update/")
 NORM_KEYS = ("grad_norm", "a_norm")
+# what norm_excursions reads: states / activations and the whole model's gradient
+EXCURSION_NORMS = ("act/", "grad/global", "grad_norm", "a_norm")
 
 
 def norm_series(trace: pd.DataFrame) -> dict[str, pd.Series]:
@@ -42,6 +44,13 @@ def family(name: str) -> str:
 def early_levels(norms: dict[str, pd.Series]) -> dict[str, float]:
     """Median of the first quarter of each norm series."""
     return {n: float(np.median(quarters(np.abs(s.to_numpy()))[0])) for n, s in norms.items()}
+
+
+def start_levels(norms: dict[str, pd.Series], rows: int = 3) -> dict[str, float]:
+    """Where each norm started: the median of its first ``rows`` logged values (a quarter of
+    the run can already hold an excursion: the GPU protocol's EP without AEP had |z*| at 1.2
+    for three rows and at 39-145 by the end of its first quarter)."""
+    return {n: float(np.median(np.abs(s.to_numpy()[:rows]))) for n, s in norms.items()}
 
 
 def family_median(name: str, early: dict[str, float]) -> float:
@@ -124,6 +133,64 @@ def runaway_norms(trace: pd.DataFrame, *, growth: float = 10.0, keeps_growing: f
                   "measure and what feeds them (learning rate, stabilisers, the estimator)",
             evidence={"ratio": top["ratio"], "early": top["early"], "late": top["late"],
                       "recent_ratio": top["recent"], "tensors": float(len(hits))}))
+    return sorted(out, key=lambda f: -f.evidence["ratio"])
+
+
+def norm_excursions(trace: pd.DataFrame, *, peak_factor: float = 100.0, stays: float = 10.0,
+                    min_rows: int = 6) -> list[Finding]:
+    """Norms that ran away for a while and came back, or ran away and stayed: the cases
+    ``runaway_norms`` misses because their late level is no longer rising.
+
+    The peak is compared with the start (``start_levels``: the first three logged values; or
+    the family's median start if larger, as ``runaway_norms`` floors its early level).
+    ``peak_factor=100``: two orders of magnitude above where the tensor started is far outside
+    what healthy training does (BP baselines stay within ~3x); it is what the 2k-step GPU
+    protocol's EP without AEP did while still "converging" (|z*| 1.2 -> 158 -> 24, gradient
+    0.7 -> 603 -> 4.7). Error when the late level (median of the last quarter) is still
+    ``stays`` x the start (the run lives at the new scale: runaway_norms' error without the
+    "still rising"); warning when it came back (the curve went through a broken phase). One
+    finding per family. Only states/activations and whole-model norms (``EXCURSION_NORMS``)
+    are read: a single parameter's gradient legitimately rises by orders of magnitude from a
+    near-zero start (attention keys under the uniform attention of initialisation: EP's
+    grad/attn.k 0.005 -> 0.67 in the same protocol, a healthy run).
+    """
+    hits: dict[str, list[dict[str, float]]] = {}
+    norms = norm_series(trace)
+    starts, early_all = start_levels(norms), early_levels(norms)
+    for name, s in norms.items():
+        x = np.abs(s.to_numpy())
+        if (not name.startswith(EXCURSION_NORMS) or x.size < min_rows
+                or negligible(name, starts) or not np.isfinite(x).all()):
+            continue
+        start = max(starts[name], family_median(name, starts))
+        first, third, last = quarters(x)
+        late, mid = float(np.median(last)), float(np.median(third))
+        early = max(float(np.median(first)), family_median(name, early_all))
+        still_rising = late / early > 10 and mid > 0 and late / mid > 1.5  # runaway_norms' case
+        i_peak = int(np.argmax(x))
+        if start <= 0 or x[i_peak] <= peak_factor * start or still_rising:
+            continue
+        hits.setdefault(family(name), []).append({
+            "name": name, "start": start, "peak": float(x[i_peak]),
+            "peak_step": float(s.index[i_peak]), "late": late,
+            "ratio": float(x[i_peak]) / start, "late_ratio": late / start})
+    out = []
+    for fam, found in hits.items():
+        found.sort(key=lambda h: -h["ratio"])
+        top = found[0]
+        stayed = any(h["late_ratio"] > stays for h in found)
+        listed = "; ".join(f"{h['name']} {h['start']:.3g} -> {h['peak']:.3g} at step "
+                           f"{h['peak_step']:.0f} ({h['ratio']:.3g}x), late {h['late']:.3g}"
+                           for h in found[:5])
+        out.append(Finding(
+            detector="norm_excursion", severity=Severity.ERROR if stayed else Severity.WARNING,
+            message=(f"{len(found)} {fam} norm(s) peaked more than {peak_factor:g}x above their "
+                     f"start and " + ("stayed more than " f"{stays:g}x above it" if stayed else
+                                     "came back") + f": {listed}"),
+            where=f"trace columns {', '.join(h['name'] for h in found[:5])} around step "
+                  f"{top['peak_step']:.0f}; the losses and cosines at that time",
+            evidence={"ratio": top["ratio"], "peak": top["peak"], "start": top["start"],
+                      "late_ratio": top["late_ratio"], "tensors": float(len(found))}))
     return sorted(out, key=lambda f: -f.evidence["ratio"])
 
 

@@ -49,7 +49,8 @@ def worse_than_chance(trace: pd.DataFrame, chance: float, *, what: str = "",
                       untrained: float | None = None, margin: float = 0.05,
                       fatal_factor: float = 1.5) -> list[Finding]:
     """Late ``loss`` / ``val_loss`` (median of the last quarter of logged values) above the
-    uninformed baseline ``chance``.
+    uninformed baseline ``chance``; or, when the late level is fine, an excursion above it
+    after the run had learned (``_chance_excursion``).
 
     Thresholds: ``margin=0.05``: a median of several batch losses scatters by a few percent
     around its level, and a run that ends within 5% of guessing has learned nothing anyway (that
@@ -69,6 +70,7 @@ def worse_than_chance(trace: pd.DataFrame, chance: float, *, what: str = "",
         late = float(np.median(last))
         steps = s.index.to_numpy()[-len(last):]
         if not late > chance * (1 + margin):
+            out += _chance_excursion(s, col, chance, what, untrained, margin, fatal_factor)
             continue
         bar = fatal_factor * max(chance, untrained or 0.0)
         fatal = late > bar
@@ -85,6 +87,48 @@ def worse_than_chance(trace: pd.DataFrame, chance: float, *, what: str = "",
             evidence={"late": late, "chance": chance, "ratio": late / chance,
                       "first_step": float(steps[0]), "last_step": float(steps[-1])}))
     return out
+
+
+def _chance_excursion(s: pd.Series, col: str, chance: float, what: str,
+                      untrained: float | None, margin: float,
+                      fatal_factor: float) -> list[Finding]:
+    """A run that had learned (a value below chance) and later went worse than chance again,
+    even if it came back by the end: a training phase whose numbers meant nothing (the 2k-step
+    GPU protocol's EP without AEP: val CE 3.32 -> 12.5 -> 2.61 while |z*| ran to 158). One
+    validation row is an average over several batches and counts alone; the training loss is
+    one batch, so it needs two consecutive rows. Error when the excursion passes
+    ``fatal_factor`` x chance (confident wrong predictions mid-run), else warning."""
+    x, steps = s.to_numpy(), s.index.to_numpy()
+    below = np.flatnonzero(x < chance * (1 - margin))  # learned: clearly below chance
+    if below.size == 0:
+        return []
+    over = x > chance * (1 + margin)
+    over[: below[0]] = False
+    if col == "loss":  # one batch per row: a neighbouring row must be over too
+        prev, nxt = np.r_[False, over[:-1]], np.r_[over[1:], False]
+        over = over & (prev | nxt)
+    if not over.any():
+        return []
+    i_peak = int(np.argmax(np.where(over, x, -np.inf)))
+    i_best = int(np.argmin(x[: np.flatnonzero(over)[0]]))  # the best before it went back
+    peak, bar = float(x[i_peak]), fatal_factor * max(chance, untrained or 0.0)
+    where_over = steps[over]
+    return [Finding(
+        detector="worse_than_chance",
+        severity=Severity.ERROR if peak > bar else Severity.WARNING,
+        message=(f"{col} went back above the uninformed baseline {chance:.4g}"
+                 + (f" ({what})" if what else "")
+                 + f" after reaching {float(x[i_best]):.4g} at step {steps[i_best]}: "
+                 f"{peak:.4g} ({peak / chance:.2f}x) at step {steps[i_peak]}, "
+                 f"{int(over.sum())} logged row(s) in steps {where_over[0]}-{where_over[-1]}; "
+                 f"it ended at {float(x[-1]):.4g}" + (": a phase of meaningless numbers, the "
+                                                      "row's result is suspect" if peak > bar
+                                                      else "")),
+        where=f"trace column {col} around step {steps[i_peak]}; the norms and the estimator's "
+              "cosines at that time (runaway_norms, estimator_sign)",
+        evidence={"peak": peak, "peak_step": float(steps[i_peak]), "chance": chance,
+                  "ratio": peak / chance, "rows_over": float(over.sum()),
+                  "final": float(x[-1])})]
 
 
 def divergence(trace: pd.DataFrame, *, rise: float = 0.5, give_back: float = 0.5,

@@ -27,7 +27,7 @@ from models.health.losses import (
     no_gradient_path,
     non_finite,
 )
-from models.health.norms import runaway_norms
+from models.health.norms import norm_excursions, runaway_norms
 from models.health.outputs import magnitude_mismatch, output_collapse
 from models.health.precision import precision_collapse, precision_instability
 from models.health.progress import divergence, learns_nothing, worse_than_chance
@@ -60,6 +60,7 @@ def run_all(trace: pd.DataFrame, extras: Mapping[str, Any] | None = None, *,
                             untrained=ex.get("untrained_loss")) if chance else []),
         *divergence(trace),
         *runaway_norms(trace),
+        *norm_excursions(trace),
         *estimator_sign(trace, metrics, warmup_steps=int(ex.get("warmup_steps", 0))),
         *group_self_coherence(ex.get("self_coherence_groups") or {},
                               ex.get("self_coherence_groups_ref"), metrics),
