@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -20,15 +21,33 @@ from models.training.segments import read_logs
 
 
 def git_commit() -> str:
-    """HEAD and whether the tree had uncommitted changes when the report was made."""
+    """HEAD and whether the tree had uncommitted changes when the report was made; outside a
+    git checkout (a copy of the tree on a GPU machine) what ``$BPFREE_GIT_COMMIT`` says."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
+        given = os.environ.get("BPFREE_GIT_COMMIT")
+        return f"{given} (a copy of that commit's tree)" if given else "unknown (not a git checkout)"
     return f"{head}{' (uncommitted changes)' if dirty else ''}"
+
+
+def scale_line(params: Params, study: str, diagnostics: dict[str, Any]) -> str:
+    """Which profile, data and size made a table (a CPU-scale table says little about a claim
+    made at a GPU log's scale)."""
+    text = params.data.text
+    data = text.source if text.source == "generated" else f"{text.source} `{text.path or text.url}`"
+    cfg = diagnostics.get("config", {})
+    train = cfg.get("train", {})
+    size = ", ".join(f"{k} {v}" for k, v in cfg.get("model", {}).items()
+                     if isinstance(v, (int, float)) and not isinstance(v, bool))
+    steps = (f"{train['steps']} steps" if "steps" in train else
+             f"{params.study(study).model_dump().get('epochs', '?')} epochs")
+    return (f"Scale: profile `{params.profile}`; data {data} ({params.data.tokenizer.kind}); "
+            f"model {size}; {steps}, batch {train.get('batch_size', '?')}; "
+            f"seeds {params.seeds}.")
 
 
 def build_report(params: Params, runs: list[RunSpec], out_dir: Path = REPORTS) -> dict[str, Any]:
@@ -50,7 +69,9 @@ def build_report(params: Params, runs: list[RunSpec], out_dir: Path = REPORTS) -
         }
         study_runs = [s for s in runs if s.study == study_name]
         sections.append(_study_section(study, study_runs, diagnostics, summary, columns,
-                                       out_dir, stale))
+                                       out_dir, stale,
+                                       scale_line(params, study_name,
+                                                  diagnostics[study_runs[0]])))
     header = [
         "# bpfree findings",
         "",
@@ -102,13 +123,14 @@ def write_curves(study: Any, curves: pd.DataFrame, rows: list[str]) -> None:
 
 def _study_section(study: Any, runs: list[RunSpec], diagnostics: dict[RunSpec, dict[str, Any]],
                    summary: pd.DataFrame, columns: list[tuple[str, str]], out_dir: Path,
-                   stale: set[RunSpec]) -> str:
+                   stale: set[RunSpec], scale: str) -> str:
     findings = worst_first_dicts([f for s in runs for f in diagnostics[s].get("health", [])])
     marks = row_marks(findings)
     stale_rows = {s.row for s in runs if s in stale}
     table_marks = {row: marks.get(row, "") + (" †" if row in stale_rows else "")
                    for row in set(marks) | stale_rows}
-    lines = [f"## {study.title}", "", markdown_table(summary, columns, table_marks), ""]
+    lines = [f"## {study.title}", "", scale, "", markdown_table(summary, columns, table_marks),
+             ""]
     if marks:
         lines += [MARK_LEGEND, ""]
     if stale_rows:
