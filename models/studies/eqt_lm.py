@@ -31,6 +31,7 @@ from models.data.tokens import TokenStream, load_codec, read_tokens
 from models.eqt import bptt as eqt_bptt
 from models.eqt import diagnostics as eqt_diag
 from models.eqt import ep as eqt_ep
+from models.eqt import implicit as eqt_implicit
 from models.eqt.calibration import calibrate as calibrate_relax
 from models.eqt.fast import FastEQ
 from models.eqt.model import EqShape, EquilibriumLM, gradients
@@ -288,6 +289,7 @@ class EqtLMStudy:
     title = "eqt-lm: language modelling, BP transformer vs equilibrium propagation"
     columns = (("best_val_loss", "best val CE"), ("final_val_loss", "final val CE"),
                ("residual", "final residual"), ("cos_bptt", "cos to BPTT"),
+               ("cos_implicit", "cos to implicit"),
                ("ms_per_step", "ms/step"), ("peak_mem_mb", "peak MB"))
     plots = (("val_loss", "validation cross-entropy"), ("loss", "training loss"),
              ("cos/global", "cos(g_rule, g_BPTT) during training"))
@@ -396,17 +398,28 @@ def _diagnose_eq(trainer: EquilibriumTrainer, device: torch.device, result: dict
     stream = TokenStream(trainer.val, model.shape.block_size, trainer.cfg.batch_size,
                          EVAL_SEED + 2)
     batches = [stream.next_batch(device) for _ in range(n_batches)]
-    cos_rows, g_rule, g_refs = [], [], []
+    cos_rows, imp_rows, g_rule, g_refs = [], [], [], []
     for x, y in batches:
+        relaxed = model.free_phase(x)
         g_ref, _, _ = eqt_bptt.bptt_gradients(model, x, y)
+        t2 = 0.0
         if isinstance(trainer.rule, EPRule):
-            g, _ = eqt_ep.ep_gradients(model, x, y, trainer.rule.nudge)
+            g, ep_stats = eqt_ep.ep_gradients(model, x, y, trainer.rule.nudge, relaxed)
+            t2 = ep_stats["t2"]
         else:
             g = g_ref
-        cos_rows.append(eqt_diag.grad_cosines(g, g_ref))
+        cos_rows.append({**eqt_diag.grad_cosines(g, g_ref), "t2": t2,
+                         "free_steps": float(relaxed.steps), "residual_t1": relaxed.residual_t1})
+        # the implicit gradient at the same z*: what EP estimates; BPTT equals it only when the
+        # T1-step unroll has converged (late in training the free phase may need more steps)
+        g_imp, _ = eqt_implicit.reference_gradients(model, x, y, relaxed)
+        if g_imp is not None:
+            imp_rows.append({**eqt_diag.grad_cosines(g, g_imp),
+                             "bptt": eqt_diag.cosine(g_ref, g_imp)})
         g_rule.append(g)
         g_refs.append(g_ref)
     cos = {k: float(np.mean([r[k] for r in cos_rows])) for k in cos_rows[0]}
+    imp = {k: float(np.mean([r[k] for r in imp_rows])) for k in imp_rows[0]} if imp_rows else {}
     coherence = [eqt_diag.self_coherence(a, b) for a, b in zip(g_rule, g_rule[1:], strict=False)]
     result["extras"].update({"self_coherence_groups": _group_coherence(g_rule),
                              "self_coherence_groups_ref": _group_coherence(g_refs)})
@@ -418,10 +431,15 @@ def _diagnose_eq(trainer: EquilibriumTrainer, device: torch.device, result: dict
         "cos_bptt": cos["cos/global"], "norm_ratio": cos["norm_ratio"],
         "self_coherence": float(np.mean(coherence)), "residual": free.residual,
         "settle_iters": float(free.steps), "abscissa": finger["abscissa"],
-        **{k: v for k, v in cos.items() if k.startswith("cos/")}})
+        **{k: v for k, v in cos.items() if k.startswith("cos/")},
+        "implicit_batches": float(len(imp_rows)),
+        **({"cos_implicit": imp["cos/global"], "norm_ratio_implicit": imp["norm_ratio"],
+            "cos_bptt_implicit": imp["bptt"],
+            **{"cos_implicit/" + k[4:]: v for k, v in imp.items()
+               if k.startswith("cos/") and k != "cos/global"}} if imp else {})})
     result["fingerprint"] = finger
     result["extras"].update({"self_coherence": coherence, "residual_curve": free.trace,
-                             "cos_per_batch": cos_rows,
+                             "cos_per_batch": cos_rows, "cos_implicit_per_batch": imp_rows,
                              "lambda": None if trainer.controller is None
                              else trainer.controller.lam})
 
