@@ -68,9 +68,9 @@ def test_ep_row_resume_is_bit_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     parts, rows_parts = _train(2, "three", calibration)
     for name, p in whole["model"].items():
         assert torch.equal(p, parts["model"][name]), name
-    assert whole["controller"] == parts["controller"]
-    assert whole["controller"]["lam"] != 0.5  # the controller moved, so the check can fail
-    assert torch.equal(whole["stream"]["generator"], parts["stream"]["generator"])
+    assert whole["rule"]["controller"] == parts["rule"]["controller"]
+    assert whole["rule"]["controller"]["lam"] != 0.5  # the controller moved: the check can fail
+    assert torch.equal(whole["batches"]["generator"], parts["batches"]["generator"])
     keys = ("loss", "residual", "lambda", "settle_iters", "cos/global")
     assert [[r.get(k) for k in keys] for r in rows_whole] == \
         [[r.get(k) for k in keys] for r in rows_parts]
