@@ -36,7 +36,7 @@ def main(study: str = typer.Option(..., help="Study key under params `studies`."
     """Train runs/<study>/train/<row>/seed<seed>: ckpt/seg<i>.pt and log/seg<i>.jsonl.
 
     Segment i covers steps [i*segment_steps, min((i+1)*segment_steps, steps)). Checkpoints hold
-    the full state (weights, optimizer, EMA, controller, data position, RNGs) and are resumed
+    the full state (weights, optimizer, EMA, the rule's state, data position, RNGs) and are resumed
     only under the same run identity (training config, code, calibration, data); a changed
     identity retrains from segment 0, and raising `steps` reuses finished segments.
     """

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from models.config import ConfigError, validate_params
+from models.ff.tasks import Split
 from models.pipeline import RunSpec, training_fingerprint
-from models.studies import get_study
+from models.studies import get_study, rules_ladder
 from models.training import rng
 from models.training.schedule import lr_at
 from models.training.segments import Segment, run_segment
@@ -77,9 +78,9 @@ def test_resume_is_bit_identical(tmp_path: Path, row: str) -> None:
     (tmp_path / "b").mkdir()
     state_one = train_run(one, spec, tmp_path / "a")
     state_many = train_run(many, spec, tmp_path / "b")
-    assert_same(state_one["net"], state_many["net"], "net")
+    assert_same(state_one["model"], state_many["model"], "model")
     assert_same(state_one["rule"], state_many["rule"], "rule")
-    assert_same(state_one["perm"], state_many["perm"], "perm")
+    assert_same(state_one["batches"], state_many["batches"], "batches")
 
 
 def test_bad_ff_key_names_it() -> None:
@@ -93,7 +94,7 @@ def test_bad_ff_key_names_it() -> None:
         lq_params(rows=["nope"])
 
 
-def test_diagnose_reads_the_held_out_test_split() -> None:
+def test_diagnose_reads_the_held_out_test_split(monkeypatch: pytest.MonkeyPatch) -> None:
     params = ladder_params()
     study = get_study("rules_ladder")
     spec = RunSpec("rules_ladder", "dfa", 0)
@@ -101,16 +102,22 @@ def test_diagnose_reads_the_held_out_test_split() -> None:
     cfg = params.study("rules_ladder").row_train("dfa")
     for step in range(cfg.steps):
         trainer.train_step(step, lr_at(step, cfg))
-    cell = trainer.cells["a1_L2"]
-    d = cell.data
+    net = trainer.cells["a1_L2"].model  # type: ignore[attr-defined]
+    _, _, d = study._cells(params, "dfa", 0, CPU)["a1_L2"]  # type: ignore[attr-defined]
     assert len(d.x_test) == 100 and len(d.x_fit) + len(d.x_val) == 200
     state = trainer.state_dict()
     before = study.diagnose(params, spec, trainer, CPU)["metrics"]
-    acc = float((cell.net(d.x_test).argmax(-1) == d.y_test).float().mean())
+    acc = float((net(d.x_test).argmax(-1) == d.y_test).float().mean())
     assert before["test_accuracy@a1_L2"] == pytest.approx(acc)
-    # Corrupt only the test labels: the test metric must move, the validation metric must not.
+    # Corrupt only the task's test labels: the test metric must move, the validation one not.
     trainer.load_state_dict(state)
-    d.y_test = (d.y_test + 1) % 10
+    real = rules_ladder.make_ladder
+
+    def corrupted(*args: object, **kwargs: object) -> Split:
+        split = real(*args, **kwargs)  # type: ignore[arg-type]
+        return Split(split.x_train, split.y_train, split.x_test, (split.y_test + 1) % 10)
+
+    monkeypatch.setattr(rules_ladder, "make_ladder", corrupted)
     after = study.diagnose(params, spec, trainer, CPU)["metrics"]
     assert after["test_accuracy@a1_L2"] != pytest.approx(before["test_accuracy@a1_L2"])
     assert after["val_accuracy@a1_L2"] == pytest.approx(before["val_accuracy@a1_L2"])

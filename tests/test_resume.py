@@ -59,7 +59,7 @@ def test_segments_equal_uninterrupted_bitwise(project) -> None:
     exp_avg = [s["exp_avg"] for s in three["optimizer"]["state"].values()]
     ref_avg = [s["exp_avg"] for s in one["optimizer"]["state"].values()]
     assert all(torch.equal(a, b) for a, b in zip(exp_avg, ref_avg, strict=True))
-    assert torch.equal(one["stream"]["generator"], three["stream"]["generator"])
+    assert torch.equal(one["batches"]["generator"], three["batches"]["generator"])
 
 
 def test_sigkill_mid_segment_then_resume(project) -> None:

@@ -125,8 +125,9 @@ def test_every_slot_receives_a_target_and_a_routing_bug_is_flagged(
         corpus: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     rows, trainer = _train_rows(_params(), 6)
     assert all(r["coverage/state_slots"] == 1.0 for r in rows)
-    assert trainer.last_mask is not None and trainer.last_mask.all()  # type: ignore[attr-defined]
-    clean = run_all(pd.DataFrame(rows), {"coverage_slots": {"state_slots": trainer.last_mask}})  # type: ignore[attr-defined]
+    mask = trainer.rule.last_mask  # type: ignore[attr-defined]
+    assert mask is not None and mask.all()
+    clean = run_all(pd.DataFrame(rows), {"coverage_slots": {"state_slots": mask}})
     assert not [f for f in clean if f.detector in ("low_coverage", "vanishing_through_depth")]
 
     # log 000's routing bug: targets addressed only the first slots of the state
@@ -142,7 +143,7 @@ def test_every_slot_receives_a_target_and_a_routing_bug_is_flagged(
     monkeypatch.setattr(dtp, "targets", routed)
     rows, trainer = _train_rows(_params(), 6)
     assert all(r["coverage/state_slots"] == 1 / 8 for r in rows)
-    found = run_all(pd.DataFrame(rows), {"coverage_slots": {"state_slots": trainer.last_mask}})  # type: ignore[attr-defined]
+    found = run_all(pd.DataFrame(rows), {"coverage_slots": {"state_slots": trainer.rule.last_mask}})  # type: ignore[attr-defined]
     cov = [f for f in found if f.detector == "low_coverage"]
     assert cov and cov[0].severity.name == "ERROR" and "1-7" in cov[0].message
 

@@ -89,13 +89,13 @@ def test_resume_is_bit_identical(corpus: Path, study: str, row: str) -> None:
     assert any("val_loss" in r for r in rows_whole)
     last = rows_whole[-1]
     if row == "pc":  # the state that must travel: precisions moved, gains adapted, noise on
-        assert not torch.equal(whole["precision"]["r"], whole["precision"]["r_bar"])
-        assert not torch.all(whole["rates"]["gains"] == 1)
+        assert not torch.equal(whole["rule"]["precision"]["r"], whole["rule"]["precision"]["r_bar"])
+        assert not torch.all(whole["layer_rates"]["gains"] == 1)
         for key in ("settle_iters", "residual", "settle/inference/tol", "settle/inference/cap",
                     "precision/h1", "target/h2", "pc/error/h1", "settle_iters_avg"):
             assert key in last, key
     if row == "dtp":
-        assert whole["inverses"] is not None and whole["inv_opt"]["state"]
+        assert whole["rule"]["inverses"] is not None and whole["rule"]["inv_opt"]["state"]
         for key in ("target/0_dec", "target/3_state_first", "coverage/state_slots",
                     "precision/state", "term/kl", "entropy", "kl"):
             assert key in last, key

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-from models.studies.base import Study, Trainer
+from models.studies.base import Study, Trainable
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ STUDIES: dict[str, StudyEntry] = {
     "dtp_wm": StudyEntry("DTPWMStudy", ("tokens",)),
 }
 
-__all__ = ["STUDIES", "Study", "StudyEntry", "Trainer", "get_study", "study_datasets"]
+__all__ = ["STUDIES", "Study", "StudyEntry", "Trainable", "get_study", "study_datasets"]
 
 
 def study_datasets(name: str) -> tuple[str, ...]:

@@ -11,12 +11,14 @@ if TYPE_CHECKING:  # annotations only: the registry (models.studies) stays free 
     from models.pipeline import RunSpec
 
 
-class Trainer(Protocol):
-    """One run's complete trainable state and its step function.
+class Trainable(Protocol):
+    """What the segment driver steps, evaluates and checkpoints: one run's complete trainable
+    state and its step function (``models.training.trainer.Trainer``, or a composite of them such
+    as the ladder's grid of cells).
 
     ``state_dict`` must hold everything a resumed segment needs to continue bit-identically except
     the global RNGs and the step, which the driver checkpoints itself: weights, optimizer, EMA,
-    controller state, the data stream position.
+    controller state, the rule's state, the data stream position.
     """
 
     def train_step(self, step: int, lr: float) -> dict[str, float]: ...
@@ -41,9 +43,9 @@ class Study(Protocol):
     def calibrate(self, params: Params, row: str, device: torch.device) -> dict[str, Any]: ...
 
     def build_trainer(self, params: Params, spec: RunSpec, calibration: dict[str, Any],
-                      device: torch.device) -> Trainer: ...
+                      device: torch.device) -> Trainable: ...
 
-    def diagnose(self, params: Params, spec: RunSpec, trainer: Trainer,
+    def diagnose(self, params: Params, spec: RunSpec, trainer: Trainable,
                  device: torch.device) -> dict[str, Any]: ...
 
 

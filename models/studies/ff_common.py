@@ -1,9 +1,8 @@
-"""What the feed-forward rule studies share: building a rule from its row, calibration, the
-``FFTrainer`` (Trainer protocol over a models.ff rule + net + AdamW) and the credit metrics.
+"""What the feed-forward rule studies share: building a rule from its row, calibration, a
+``models.ff`` rule behind the trainer's contract (``FFRule``), and the credit metrics.
 
-Epochs are whole passes over the fit split in a fresh permutation each (drop-last, so an epoch is
-always ``n_fit // batch_size`` steps); the permutation generator and the current permutation are
-part of the trainer state, so a run resumed at any segment boundary sees the same batches.
+A run trains with ``models.training.trainer.Trainer`` on ``Epochs`` of the fit split (whole
+passes, each in a fresh permutation, drop-last) and evaluates on the validation split.
 """
 
 from __future__ import annotations
@@ -22,6 +21,8 @@ from models.ff.energy import EnergyMLP, EnergyMLPConfig
 from models.ff.mlp import DeepMLP, MLPConfig, evaluate, true_state_grads
 from models.ff.rules import RULES, CreditBridge, Rule
 from models.ff.tasks import Split
+from models.training.batches import Batches, Epochs
+from models.training.trainer import LearningRule, Trainer
 
 DIAG_BATCH = 512  # held-out examples the credit metrics are computed on
 CAL_BATCH = 512  # fit examples calibration measures on
@@ -136,107 +137,84 @@ def apply_calibration(rule_cfg: Any, rule: Rule, cal: dict[str, Any]) -> None:
         rule.cfg = rule.cfg.model_copy(update={"settle_lr": float(cal["settle_lr"])})
 
 
-# ---------------------------------------------------------------- trainer
-class FFTrainer:
-    """One net + rule + AdamW on one task; the rule writes p.grad, AdamW steps the net."""
+# ---------------------------------------------------------------- training
+BETAS = (0.9, 0.999)  # AdamW's defaults: what the rules' learning rates were chosen with
+EPOCH_SEED = 104_729  # the epochs' permutations: seed + EPOCH_SEED
 
-    def __init__(self, net: nn.Module, rule: Rule, data: Data, batch_size: int,
-                 weight_decay: float, grad_clip: float, seed: int,
-                 before_first_step: Callable[[FFTrainer], None] | None = None) -> None:
-        self.net, self.rule, self.data = net, rule, data
-        self.batch_size, self.grad_clip = batch_size, grad_clip
-        self.steps_per_epoch = max(1, len(data.x_fit) // batch_size)
-        decay = [p for p in net.parameters() if p.dim() >= 2]
-        no_decay = [p for p in net.parameters() if p.dim() < 2]
-        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                            {"params": no_decay, "weight_decay": 0.0}])
-        self.gen = torch.Generator().manual_seed(seed + 104_729)
-        self.perm = torch.arange(len(data.x_fit))
-        self.before_first_step = before_first_step
-        self._last: dict[str, float] = {}
 
-    def next_batch(self, step: int) -> tuple[Tensor, Tensor]:
-        """The step's minibatch (a fresh permutation each epoch; sets the rule's epoch)."""
-        pos = step % self.steps_per_epoch
-        if pos == 0:
-            self.perm = torch.randperm(len(self.data.x_fit), generator=self.gen)
+class FFRule(LearningRule):
+    """A ``models.ff`` rule behind the trainer's contract: the rule writes ``p.grad`` of the net
+    (``update``: its estimators learn, then the weight update), and hears of each epoch's start.
+
+    With ``train_net`` False (the LQ toy's fixed system) only the estimators learn (``learn``)
+    and the net gets no gradient, so the trainer never steps it.
+    """
+
+    def __init__(self, rule: Rule, steps_per_epoch: int, pretrain_steps: int = 0,
+                 train_net: bool = True) -> None:
+        self.rule, self.steps_per_epoch = rule, steps_per_epoch
+        self.pretrain_steps, self.train_net = pretrain_steps, train_net
+
+    def pretrain(self, model: nn.Module, batches: Batches) -> dict[str, float]:
+        """DTP: pre-train the inverses on this run's own net (as calibrate measured)."""
+        if self.pretrain_steps > 0:
+            assert isinstance(batches, Epochs)
+            calibrate_dtp(self.rule, batches.x, batches.y,  # type: ignore[arg-type]
+                          steps=self.pretrain_steps, batch_size=128)
+        return {}
+
+    def grads(self, model: nn.Module, batch: tuple[Tensor, Tensor], step: int,
+              ) -> tuple[dict[str, Tensor] | None, dict[str, float]]:
+        x, y = batch
+        if step % self.steps_per_epoch == 0:
             self.rule.set_epoch(step // self.steps_per_epoch)
-        idx = self.perm[pos * self.batch_size:(pos + 1) * self.batch_size].to(
-            self.data.x_fit.device)
-        return self.data.x_fit[idx], self.data.y_fit[idx]
-
-    def train_step(self, step: int, lr: float) -> dict[str, float]:
-        if step == 0 and self.before_first_step is not None:
-            self.before_first_step(self)
-        x, y = self.next_batch(step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        if not self.train_net:
+            stats = self.rule.learn(x, y)
+            with torch.no_grad():
+                stats["loss"] = float(model.loss(model(x), y))  # type: ignore[operator]
+            return {}, stats
         stats = self.rule.update(x, y)
-        groups = self.net.param_groups()  # type: ignore[operator]
-        params = [p for ps in groups.values() for p in ps]
-        torch.nn.utils.clip_grad_norm_(params, self.grad_clip or float("inf"))
-        before = {n: [p.detach().clone() for p in ps] for n, ps in groups.items()}
-        self.optimizer.step()
-        out, layer = {}, {}
-        for key, value in stats.items():
-            if key.startswith("update/"):
-                layer["grad/" + key[len("update/"):]] = value  # the rule's gradient, pre-clip
-            elif key.startswith(("act/", "target/", "precision/")):
-                layer[key] = value
-            else:
-                out[key] = value
-        for name, ps in groups.items():
-            layer[f"update/{name}"] = sum(float((p.detach() - b).pow(2).sum())
-                                          for p, b in zip(ps, before[name], strict=True)) ** 0.5
-        self._last = layer
-        return out
-
-    def layer_stats(self) -> dict[str, float]:
-        return dict(self._last)
-
-    def evaluate(self) -> dict[str, float]:
-        ev = evaluate(self.net, self.data.x_val, self.data.y_val)
-        return {"val_loss": ev["loss"], **({"val_accuracy": ev["accuracy"]}
-                                           if "accuracy" in ev else {})}
-
-    def test(self) -> dict[str, float]:
-        """Held-out test split: only diagnose calls this."""
-        ev = evaluate(self.net, self.data.x_test, self.data.y_test)
-        return {"test_loss": ev["loss"], **({"test_accuracy": ev["accuracy"]}
-                                            if "accuracy" in ev else {})}
+        # the rule's update/<layer> is the norm of the gradient it wrote: the trainer's grad/
+        return None, {k: v for k, v in stats.items() if not k.startswith("update/")}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "rule": self.rule.state_dict(), "gen": self.gen.get_state(),
-                "perm": self.perm.clone()}
+        return self.rule.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.net.load_state_dict(state["net"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.rule.load_state_dict(state["rule"])
-        self.gen.set_state(state["gen"])
-        self.perm = state["perm"].clone()
+        self.rule.load_state_dict(state)
 
 
-def dtp_pretrain(steps: int) -> Callable[[FFTrainer], None]:
-    """Step-0 hook: pre-train the DTP inverses on this run's own net (as calibrate measured)."""
-
-    def hook(trainer: FFTrainer) -> None:
-        if steps > 0:
-            calibrate_dtp(trainer.rule, trainer.data.x_fit, trainer.data.y_fit,  # type: ignore[arg-type]
-                          steps=steps, batch_size=128)
-
-    return hook
+def held_out(net: nn.Module, x: Tensor, y: Tensor, split: str) -> dict[str, float]:
+    """``<split>_loss`` and, for class labels, ``<split>_accuracy``."""
+    ev = evaluate(net, x, y)
+    return {f"{split}_loss": ev["loss"],
+            **({f"{split}_accuracy": ev["accuracy"]} if "accuracy" in ev else {})}
 
 
-def make_trainer(rule_cfg: Any, net: nn.Module, data: Data, train_cfg: Any, seed: int,
-                 epochs: int, calibration: dict[str, Any],
-                 cls: type[FFTrainer] = FFTrainer) -> FFTrainer:
+def make_rule(rule_cfg: Any, net: nn.Module, seed: int, epochs: int,
+              calibration: dict[str, Any]) -> Rule:
+    """The row's rule on ``net``, with what calibration measured."""
     rule = build_rule(rule_cfg, net, seed, epochs)
     apply_calibration(rule_cfg, rule, calibration)
-    hook = dtp_pretrain(rule_cfg.pretrain_steps) if rule_cfg.kind == "dtp" else None
-    return cls(net, rule, data, train_cfg.batch_size, train_cfg.weight_decay,
-               train_cfg.grad_clip, seed, hook)
+    return rule
+
+
+def make_trainer(rule_cfg: Any, rule: Rule, data: Data, train_cfg: Any, seed: int,
+                 train_net: bool = True,
+                 evaluate: Callable[[nn.Module], dict[str, float]] | None = None) -> Trainer:
+    """A row's trainer: ``rule`` on its net, epochs over the fit split, evaluated on the
+    validation split (or by ``evaluate``)."""
+    batches = Epochs(data.x_fit, data.y_fit, train_cfg.batch_size, seed + EPOCH_SEED)
+    pretrain = rule_cfg.pretrain_steps if rule_cfg.kind == "dtp" else 0
+    return Trainer(rule.net, FFRule(rule, batches.steps_per_epoch, pretrain, train_net),
+                   batches, evaluate or (lambda m: held_out(m, data.x_val, data.y_val, "val")),
+                   train_cfg, groups=rule.net.param_groups(), betas=BETAS)  # type: ignore[operator]
+
+
+def ff_rule(trainer: Trainer) -> Rule:
+    """The ``models.ff`` rule a trainer of these studies trains with."""
+    assert isinstance(trainer.rule, FFRule)
+    return trainer.rule.rule
 
 
 # ---------------------------------------------------------------- metrics

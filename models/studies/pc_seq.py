@@ -1,12 +1,12 @@
 """The ``pc-seq`` study (METHODS §1, log 001): next-token prediction on the token corpus by a
 predictive-coding hierarchy (``models.seq.pc``) and by its BP-trained twin (same net).
 
-Both rows train the same ``PCNet`` with AdamW in per-layer parameter groups: the PC row's update
-is the local one from the settled errors, the BP row's the autograd gradient of the batch-mean
-CE. Adam's moments are per weight, so they keep the PC update local (the log's "no optimizer"
-is read as: no global backward pass). The PC row also adapts per-layer LR gains and its
-precisions, and anneals the settling noise: all of it is trainer state and checkpointed. A
-training example is a window of ``context`` tokens and the token after it.
+Both rows train the same ``PCNet`` with the one trainer (``models.training.trainer``): the PC
+row's update is the local one from the settled errors (``PredictiveCoding``), the BP row's the
+autograd gradient of the batch-mean CE. Adam's moments are per weight, so they keep the PC update
+local (the log's "no optimizer" is read as: no global backward pass). The PC row also adapts
+per-layer LR gains and its precisions, and anneals the settling noise: all of it is checkpointed.
+A training example is a window of ``context`` tokens and the token after it.
 
 Logged per step (CONVENTIONS): ``settle_iters``, ``residual`` and ``settle/inference/{tol,cap}``
 (the settling loop), ``precision/h<l>``, ``target/h<l>`` (per-sample norm of the settled credit
@@ -24,18 +24,17 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
 
 from models import io
 from models.config import Params, TrainConfig
-from models.config.seq import PCModelConfig, PCRule, PCSeqConfig, SeqBPRule
-from models.data.tokens import TokenStream
+from models.config.seq import PCRule, PCSeqConfig
 from models.pipeline import RunSpec
 from models.seq import pc
 from models.seq.memory import PeakMemory
 from models.seq.precision import Precision
 from models.studies.seq_common import (
     EVAL_SEED,
-    LayerRates,
     check_init_loss,
     lm_health,
     train_tokens,
@@ -43,90 +42,58 @@ from models.studies.seq_common import (
     vocab_size,
 )
 from models.training import rng
+from models.training.trainer import Backprop, LearningRule, Trainer
+from models.training.windows import Windows
 
 
-class PCSeqTrainer:
-    def __init__(self, model_cfg: PCModelConfig, train_cfg: TrainConfig,
-                 rule: PCRule | SeqBPRule, settle_step: float, seed: int,
+def ce_objective(net: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, float]]:
+    """The BP row's loss: the batch-mean CE of the prediction pass."""
+    x, y = batch
+    loss = F.cross_entropy(net(x), y)
+    return loss, {"loss": loss.item(), "term/ce": loss.item()}
+
+
+class PredictiveCoding(LearningRule):
+    """The PC row: settle the states on the precision-weighted energy (annealed Langevin noise
+    from a private generator), then every layer's local update from its own settled error; the
+    precisions learn from the settled credits.
+
+    State: the precisions, the noise generator, the settling step (calibrated) and the means of
+    settling iterations and prediction error since the last logged step.
+    """
+
+    def __init__(self, net: pc.PCNet, cfg: PCRule, settle_step: float, seed: int,
                  device: torch.device) -> None:
-        rng.seed_everything(seed)
-        self.device, self.cfg, self.rule = device, train_cfg, rule
-        self.net = pc.PCNet(model_cfg, vocab_size()).to(device)
-        self.groups = self.net.layer_params()
-        self.names = self.net.layer_names()
-        self.optimizer = torch.optim.AdamW(
-            [{"params": g, "weight_decay": train_cfg.weight_decay} for g in self.groups],
-            lr=train_cfg.lr, betas=(0.9, 0.95))
-        self.is_pc = isinstance(rule, PCRule)
-        self.rates = LayerRates(len(self.groups), rule.layer_rate if isinstance(rule, PCRule)
-                                else None)
-        self.precision = (Precision(model_cfg.depth, rule.precision, device)
-                          if isinstance(rule, PCRule) else None)
-        self.settle_step = settle_step
+        self.cfg, self.settle_step = cfg, settle_step
+        self.precision = Precision(net.cfg.depth, cfg.precision, device)
         self.noise_gen = torch.Generator().manual_seed(seed + 7919)
-        self.stream = TokenStream(train_tokens(), model_cfg.context, train_cfg.batch_size, seed)
-        self.val = val_tokens()
         self.window = {"iters": 0.0, "err": 0.0, "n": 0.0}
-        self._last: dict[str, float] = {}
-
-    # ------------------------------------------------------------------ steps
-    def batch(self, stream: TokenStream) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = stream.next_batch(self.device)
-        return x, y[:, -1]
 
     def noise(self, step: int) -> float:
-        s = self.rule.settle if isinstance(self.rule, PCRule) else None
-        return 0.0 if s is None else s.noise * 0.5 ** (step / s.noise_half_life)
+        s = self.cfg.settle
+        return s.noise * 0.5 ** (step / s.noise_half_life)
 
-    def train_step(self, step: int, lr: float) -> dict[str, float]:
-        x, y = self.batch(self.stream)
+    def grads(self, model: nn.Module, batch: tuple[Tensor, Tensor], step: int,
+              ) -> tuple[dict[str, Tensor], dict[str, float]]:
+        assert isinstance(model, pc.PCNet)
+        x, y = batch
         with torch.no_grad():
-            loss = F.cross_entropy(self.net(x), y)  # the prediction before this step's update
-        out: dict[str, float] = {"loss": loss.item(), "term/ce": loss.item()}
-        params = list(self.net.parameters())
-        if isinstance(self.rule, PCRule):
-            assert self.precision is not None
-            pi = self.precision.values()
-            s = self.rule.settle
-            settled = pc.settle(self.net, x, y, pi, self.rule.beta, s, self.settle_step,
-                                self.noise(step), self.noise_gen)
-            grads = pc.local_grads(self.net, x, settled.states, y, pi, self.rule.beta)
-            out.update(self._pc_stats(x, settled, pi))
-        else:
-            with torch.enable_grad():
-                grads = list(torch.autograd.grad(F.cross_entropy(self.net(x), y), params))
-        for p, g in zip(params, grads, strict=True):
-            p.grad = g
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip or float("inf"))
-        for group, gain in zip(self.optimizer.param_groups, self.rates.gains.tolist(),
-                               strict=True):
-            group["lr"] = lr * gain
-        before = [[p.detach().clone() for p in g] for g in self.groups]
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        rel = []
-        for name, g, old in zip(self.names, self.groups, before, strict=True):
-            du = math.sqrt(sum(float((p.detach() - o).pow(2).sum())
-                               for p, o in zip(g, old, strict=True)))
-            w = math.sqrt(sum(float(o.pow(2).sum()) for o in old))
-            self._last[f"update/{name}"] = du
-            self._last[f"grad/{name}"] = math.sqrt(sum(float(gr.pow(2).sum())
-                                                       for gr in grads_of(g, params, grads)))
-            rel.append(du / (w + 1e-12))
-        self.rates.update(rel)
-        for name, gain in zip(self.names, self.rates.gains.tolist(), strict=True):
-            out[f"lr_gain/{name}"] = gain
-        out["grad_norm"] = float(grad_norm)
-        if isinstance(self.rule, PCRule):
-            out["settle/noise"] = self.noise(step)
-        return out
+            loss = F.cross_entropy(model(x), y)  # the prediction before this step's update
+        pi = self.precision.values()
+        settled = pc.settle(model, x, y, pi, self.cfg.beta, self.cfg.settle, self.settle_step,
+                            self.noise(step), self.noise_gen)
+        grads = pc.local_grads(model, x, settled.states, y, pi, self.cfg.beta)
+        stats = {"loss": loss.item(), "term/ce": loss.item(),
+                 **self._learn_precision(model, x, settled, pi), "settle/noise": self.noise(step)}
+        names = [n for n, _ in model.named_parameters()]
+        return dict(zip(names, grads, strict=True)), stats
 
-    def _pc_stats(self, x: torch.Tensor, settled: pc.Settled, pi: torch.Tensor
-                  ) -> dict[str, float]:
-        assert self.precision is not None and isinstance(self.rule, PCRule)
-        beta, s = self.rule.beta, self.rule.settle
+    def _learn_precision(self, net: pc.PCNet, x: Tensor, settled: pc.Settled, pi: Tensor,
+                         ) -> dict[str, float]:
+        """Update the precisions from the settled credits; the step's settling statistics."""
+        beta, s = self.cfg.beta, self.cfg.settle
         with torch.no_grad():
-            eps = pc.errors(self.net, self.net.top(x), settled.states)
+            eps = pc.errors(net, net.top(x), settled.states)
             err = torch.stack([e.pow(2).mean() for e in eps])
             credit = [pi[i] * e / beta for i, e in enumerate(eps)]
         self.precision.update(torch.stack([c.pow(2).mean() for c in credit]))
@@ -140,96 +107,99 @@ class PCSeqTrainer:
             out[f"precision/{name}"] = float(pi[i])
             out[f"pc/error/{name}"] = float(err[i])
             out[f"target/{name}"] = float(credit[i].norm(dim=-1).mean())
-        self._last.update({f"act/h{i + 1}": float(h.pow(2).mean().sqrt())
-                           for i, h in enumerate(settled.states)})
+        out.update({f"act/h{i + 1}": float(h.pow(2).mean().sqrt())
+                    for i, h in enumerate(settled.states)})
         return out
 
-    def layer_stats(self) -> dict[str, float]:
-        out = dict(self._last)
+    def log_stats(self, model: nn.Module) -> dict[str, float]:
+        """The means since the last logged step (then restarted)."""
         n = self.window["n"]
-        if n:
-            out["settle_iters_avg"] = self.window["iters"] / n
-            out["pred_error_mean"] = self.window["err"] / n
+        out = ({"settle_iters_avg": self.window["iters"] / n,
+                "pred_error_mean": self.window["err"] / n} if n else {})
         self.window = {"iters": 0.0, "err": 0.0, "n": 0.0}
         return out
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        ce, acc = self.held_out(self.cfg.eval_batches, EVAL_SEED)
-        return {"val_loss": ce, "val_acc": acc}
+    def settle(self, net: pc.PCNet, x: Tensor, y: Tensor) -> pc.Settled:
+        """Settling without noise (calibration, diagnosis)."""
+        return pc.settle(net, x, y, self.precision.values(), self.cfg.beta, self.cfg.settle,
+                         self.settle_step)
 
     @torch.no_grad()
-    def held_out(self, batches: int, seed: int) -> tuple[float, float]:
-        """Held-out CE and next-token accuracy of the prediction pass (the unclamped
-        equilibrium) on fixed validation windows."""
-        stream = TokenStream(self.val, self.net.cfg.context, self.cfg.batch_size, seed)
-        ce, acc = [], []
-        for _ in range(batches):
-            x, y = self.batch(stream)
-            logits = self.net(x)
-            ce.append(F.cross_entropy(logits, y).item())
-            acc.append((logits.argmax(-1) == y).float().mean().item())
-        return float(np.mean(ce)), float(np.mean(acc))
+    def energy(self, net: pc.PCNet, x: Tensor, y: Tensor, states: list[Tensor] | None) -> float:
+        """E at ``states`` (None: the prediction pass) with the output clamped to ``y``."""
+        hs = net.states(x) if states is None else states
+        return float(pc.energy(net, net.top(x), hs, y, self.precision.values(), self.cfg.beta))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "stream": self.stream.state_dict(), "rates": self.rates.state_dict(),
-                "precision": None if self.precision is None else self.precision.state_dict(),
-                "noise_gen": self.noise_gen.get_state(), "window": dict(self.window),
-                "settle_step": self.settle_step}
+        return {"precision": self.precision.state_dict(), "noise_gen": self.noise_gen.get_state(),
+                "window": dict(self.window), "settle_step": self.settle_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.net.load_state_dict(state["net"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.stream.load_state_dict(state["stream"])
-        self.rates.load_state_dict(state["rates"])
-        if self.precision is not None:
-            self.precision.load_state_dict(state["precision"])
+        self.precision.load_state_dict(state["precision"])
         self.noise_gen.set_state(state["noise_gen"])
         self.window = dict(state["window"])
         self.settle_step = float(state["settle_step"])
 
 
-def grads_of(group: list[torch.nn.Parameter], params: list[torch.nn.Parameter],
-             grads: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The gradients of one layer's parameters (``grads`` is in ``params`` order)."""
-    index = {id(p): i for i, p in enumerate(params)}
-    return [grads[index[id(p)]] for p in group]
+def build(study: PCSeqConfig, row: str, seed: int, settle_step: float,
+          device: torch.device) -> Trainer:
+    """A row's net, rule (PC, or BP through the prediction pass) and training windows.
+
+    AdamW in per-layer groups: Adam's moments are per weight, so they keep the PC update local
+    (the log's "no optimizer" is read as: no global backward pass); the PC row adapts the
+    groups' LR gains (``layer_rate``)."""
+    rule_cfg, model_cfg, train_cfg = study.rules[row], study.row_model(row), study.row_train(row)
+    rng.seed_everything(seed)
+    net = pc.PCNet(model_cfg, vocab_size()).to(device)
+    rule: LearningRule = (PredictiveCoding(net, rule_cfg, settle_step, seed, device)
+                          if isinstance(rule_cfg, PCRule) else Backprop(ce_objective))
+    batches = Windows(train_tokens(), model_cfg.context, train_cfg.batch_size, seed, device,
+                      last_only=True)
+
+    def evaluate(m: nn.Module) -> dict[str, float]:
+        ce, acc = held_out(m, train_cfg, train_cfg.eval_batches, EVAL_SEED, device)
+        return {"val_loss": ce, "val_acc": acc}
+
+    return Trainer(net, rule, batches, evaluate, train_cfg,
+                   groups=dict(zip(net.layer_names(), net.layer_params(), strict=True)),
+                   layer_rate=rule_cfg.layer_rate if isinstance(rule_cfg, PCRule) else None)
 
 
 @torch.no_grad()
-def _energy(trainer: PCSeqTrainer, x: torch.Tensor, y: torch.Tensor,
-            states: list[torch.Tensor] | None) -> float:
-    """E at ``states`` (None: the prediction pass) with the output clamped to ``y``."""
-    assert isinstance(trainer.rule, PCRule) and trainer.precision is not None
-    hs = trainer.net.states(x) if states is None else states
-    return float(pc.energy(trainer.net, trainer.net.top(x), hs, y, trainer.precision.values(),
-                           trainer.rule.beta))
+def held_out(net: nn.Module, cfg: TrainConfig, batches: int, seed: int,
+             device: torch.device) -> tuple[float, float]:
+    """Held-out CE and next-token accuracy of the prediction pass (the unclamped equilibrium) on
+    fixed validation windows."""
+    windows = val_windows(net, cfg, seed, device)
+    ce, acc = [], []
+    for _ in range(batches):
+        x, y = windows.next()
+        logits = net(x)
+        ce.append(F.cross_entropy(logits, y).item())
+        acc.append((logits.argmax(-1) == y).float().mean().item())
+    return float(np.mean(ce)), float(np.mean(acc))
 
 
-@torch.no_grad()
-def _settle_only(trainer: PCSeqTrainer, x: torch.Tensor, y: torch.Tensor) -> pc.Settled:
-    assert isinstance(trainer.rule, PCRule) and trainer.precision is not None
-    return pc.settle(trainer.net, x, y, trainer.precision.values(), trainer.rule.beta,
-                     trainer.rule.settle, trainer.settle_step)
+def val_windows(net: nn.Module, cfg: TrainConfig, seed: int, device: torch.device) -> Windows:
+    return Windows(val_tokens(), net.cfg.context, cfg.batch_size, seed, device, last_only=True)  # type: ignore[arg-type]
 
 
-def step_memory(trainer: PCSeqTrainer, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+def step_memory(net: pc.PCNet, rule: LearningRule, x: Tensor, y: Tensor) -> dict[str, float]:
     """Peak working memory (MB, ``models.seq.memory``) of one training step's gradient
     computation and of inference on the same batch. PC: settle + local gradients vs settling
     alone, and BP through the same number of settling iterations; BP: forward + backward vs
     the forward."""
-    net, params = trainer.net, list(trainer.net.parameters())
-    if isinstance(trainer.rule, PCRule):
-        assert trainer.precision is not None
-        pi, beta = trainer.precision.values(), trainer.rule.beta
+    params = list(net.parameters())
+    if isinstance(rule, PredictiveCoding):
+        pi, beta = rule.precision.values(), rule.cfg.beta
         with PeakMemory() as infer:
-            settled = _settle_only(trainer, x, y)
+            settled = rule.settle(net, x, y)
         with PeakMemory() as train:
-            s2 = _settle_only(trainer, x, y)
+            s2 = rule.settle(net, x, y)
             pc.local_grads(net, x, s2.states, y, pi, beta)
         with PeakMemory() as unrolled:
-            pc.unrolled_grads(net, x, y, pi, beta, trainer.settle_step, settled.iters)
+            pc.unrolled_grads(net, x, y, pi, beta, rule.settle_step, settled.iters)
         return {"mem_train_mb": train.peak_mb, "mem_infer_mb": infer.peak_mb,
                 "mem_bp_settle_mb": unrolled.peak_mb, "mem_iters": float(settled.iters)}
     with PeakMemory() as infer, torch.no_grad():
@@ -287,11 +257,9 @@ class PCSeqStudy:
         return "\n".join(lines)
 
     def build_trainer(self, params: Params, spec: RunSpec, calibration: dict[str, Any],
-                      device: torch.device) -> PCSeqTrainer:
-        study = params.study_as(spec.study, PCSeqConfig)
-        return PCSeqTrainer(study.row_model(spec.row), study.row_train(spec.row),
-                            study.rules[spec.row], float(calibration.get("settle_step", 0.0)),
-                            spec.seed, device)
+                      device: torch.device) -> Trainer:
+        return build(params.study_as(spec.study, PCSeqConfig), spec.row, spec.seed,
+                     float(calibration.get("settle_step", 0.0)), device)
 
     def calibrate(self, params: Params, row: str, device: torch.device) -> dict[str, Any]:
         """Initial held-out CE vs ln V and the references (unigram, untrained net); for PC the
@@ -300,20 +268,22 @@ class PCSeqStudy:
         passes). Reaching the tolerance is recorded, not required: the residual is a relative
         state change, so shrinking the step to reach it would fake convergence."""
         study = params.study_as(self.name, PCSeqConfig)
-        rule = study.rules[row]
-        step = rule.settle.step if isinstance(rule, PCRule) else 0.0
-        trainer = PCSeqTrainer(study.row_model(row), study.row_train(row), rule, step, 0, device)
-        init_loss, _ = trainer.held_out(4, EVAL_SEED)
+        rule_cfg = study.rules[row]
+        step = rule_cfg.settle.step if isinstance(rule_cfg, PCRule) else 0.0
+        trainer = build(study, row, 0, step, device)
+        net, rule = trainer.model, trainer.rule
+        assert isinstance(net, pc.PCNet)
+        init_loss, _ = held_out(net, trainer.cfg, 4, EVAL_SEED, device)
         check_init_loss(init_loss, self.name)
         out: dict[str, Any] = {"ln_vocab": math.log(vocab_size()), "init_val_loss": init_loss,
                                "health": lm_health(init_loss)}
-        if isinstance(rule, PCRule):
-            batches = [trainer.batch(trainer.stream) for _ in range(3)]
+        if isinstance(rule, PredictiveCoding):
+            batches = [trainer.batches.next(0) for _ in range(3)]
             tried = []
             while step >= 1e-3:
-                trainer.settle_step = step
-                runs = [(_settle_only(trainer, x, y), x, y) for x, y in batches]
-                drop = [_energy(trainer, x, y, r.states) / _energy(trainer, x, y, None)
+                rule.settle_step = step
+                runs = [(rule.settle(net, x, y), x, y) for x, y in batches]
+                drop = [rule.energy(net, x, y, r.states) / rule.energy(net, x, y, None)
                         for r, x, y in runs]
                 tried.append({"step": step, "iters": [r.iters for r, _, _ in runs],
                               "residual": [r.residual for r, _, _ in runs],
@@ -326,27 +296,28 @@ class PCSeqStudy:
                                  f"to 1e-3 ({tried[-1]}); check rules.{row}.beta and the init")
             out.update({"settle_step": step, "settle_tried": tried,
                         "init_settle_iters": float(np.mean(tried[-1]["iters"])),
-                        "init_settle_converged": all(r <= rule.settle.tol
+                        "init_settle_converged": all(r <= rule.cfg.settle.tol
                                                      for r in tried[-1]["residual"])})
         return out
 
-    def diagnose(self, params: Params, spec: RunSpec, trainer: PCSeqTrainer,
+    def diagnose(self, params: Params, spec: RunSpec, trainer: Trainer,
                  device: torch.device) -> dict[str, Any]:
         """Held-out CE and accuracy vs chance; settling iterations on held-out windows now vs
         the logged first/last windows of training; prediction error drop; peak memory."""
         from models.training.segments import read_logs  # the run's own trajectory
 
-        ce, acc = trainer.held_out(2 * trainer.cfg.eval_batches, EVAL_SEED + 1)
+        net, rule = trainer.model, trainer.rule
+        assert isinstance(net, pc.PCNet)
+        ce, acc = held_out(net, trainer.cfg, 2 * trainer.cfg.eval_batches, EVAL_SEED + 1, device)
         v = vocab_size()
         metrics: dict[str, float] = {"val_loss": ce, "val_acc": acc, "ln_vocab": math.log(v),
                                      "ce_over_ln_vocab": ce / math.log(v), "chance_acc": 1 / v}
-        stream = TokenStream(trainer.val, trainer.net.cfg.context, trainer.cfg.batch_size,
-                             EVAL_SEED + 2)
-        x, y = trainer.batch(stream)
-        metrics.update(step_memory(trainer, x, y))
+        windows = val_windows(net, trainer.cfg, EVAL_SEED + 2, device)
+        x, y = windows.next()
+        metrics.update(step_memory(net, rule, x, y))
         metrics["mem_ratio"] = metrics["mem_train_mb"] / max(metrics["mem_infer_mb"], 1e-12)
-        if isinstance(trainer.rule, PCRule):
-            iters = [_settle_only(trainer, *trainer.batch(stream)).iters for _ in range(4)]
+        if isinstance(rule, PredictiveCoding):
+            iters = [rule.settle(net, *windows.next()).iters for _ in range(4)]
             metrics["settle_iters_val"] = float(np.mean(iters))
             metrics["settle_iters_init"] = float(io.read_json(spec.calibration)
                                                  .get("init_settle_iters", math.nan))

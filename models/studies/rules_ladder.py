@@ -18,6 +18,7 @@ from models.ff.tasks.ladder import make_ladder, student_config
 from models.pipeline import RunSpec
 from models.studies import baselines
 from models.studies import ff_common as ff
+from models.training.trainer import Trainer
 
 
 def cell_name(a: float, depth: int) -> str:
@@ -25,9 +26,10 @@ def cell_name(a: float, depth: int) -> str:
 
 
 class LadderTrainer:
-    """The grid's FFTrainers stepped together; stats are prefixed ``<kind>/<cell>/<layer>``."""
+    """The grid's cells (one ``Trainer`` each) stepped together: step statistics are averaged
+    over the cells, per-layer ones prefixed ``<kind>/<cell>/<layer>``."""
 
-    def __init__(self, cells: dict[str, ff.FFTrainer]) -> None:
+    def __init__(self, cells: dict[str, Trainer]) -> None:
         self.cells = cells
         self._last: dict[str, float] = {}
 
@@ -103,8 +105,9 @@ class RulesLadderStudy:
         cfg = params.study_as(self.name, RulesLadderConfig)
         train_cfg, epochs = cfg.row_train(spec.row), cfg.row_epochs(spec.row)
         return LadderTrainer({
-            name: ff.make_trainer(rule_cfg, net, data, train_cfg, spec.seed, epochs,
-                                  calibration["cells"][name])
+            name: ff.make_trainer(rule_cfg, ff.make_rule(rule_cfg, net, spec.seed, epochs,
+                                                         calibration["cells"][name]),
+                                  data, train_cfg, spec.seed)
             for name, (rule_cfg, net, data) in self._cells(params, spec.row, spec.seed,
                                                             device).items()})
 
@@ -113,14 +116,16 @@ class RulesLadderStudy:
         """Per cell, on held-out test examples: test accuracy, Gamma, rho, nudge; grid means."""
         out: dict[str, float] = {}
         extras: dict[str, float] = {}
+        cells = self._cells(params, spec.row, spec.seed, device)
         for name, cell in trainer.cells.items():
-            d = cell.data
+            d = cells[name][2]
             x, y = d.x_test[:ff.DIAG_BATCH], d.y_test[:ff.DIAG_BATCH]
-            credit, credits = ff.credit_metrics(cell.rule, x, y)
-            cell_metrics = {**cell.test(), **cell.evaluate(), **credit}
+            credit, credits = ff.credit_metrics(ff.ff_rule(cell), x, y)
+            cell_metrics = {**ff.held_out(cell.model, d.x_test, d.y_test, "test"),
+                            **cell.evaluate(), **credit}
             out.update({f"{k.split('/')[0]}@{name}": v for k, v in cell_metrics.items()
                         if "/" not in k})
-            for k, v in ff.target_norms(cell.net.layer_names(), credits).items():
+            for k, v in ff.target_norms(cell.model.layer_names(), credits).items():  # type: ignore[operator]
                 extras[f"target/{name}/{k.split('/', 1)[1]}"] = v
         for key in ("gamma", "rho", "nudge", "test_accuracy", "test_loss", "val_loss",
                     "val_accuracy"):

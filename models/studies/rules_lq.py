@@ -3,9 +3,10 @@
 Data are generated from the run seed (no prepare stage).
 
 With ``task.system: fixed`` (the default, the log's framing) the linear system is never trained:
-``FixedSystemTrainer`` calls only the rule's ``learn`` (bridges, value nets), so the costate stays
-a real signal and DFA, whose feedback is never aligned by training, scores ~0. ``co_trained``
-runs the ordinary trainer (rule trains the system too) and is labelled so in the title.
+only the rule's estimators learn (``ff.FFRule`` with ``train_net`` off: bridges, value nets), so
+the costate stays a real signal and DFA, whose feedback is never aligned by training, scores ~0;
+training logs the system's batch ``loss`` and evaluates the costate cosine on the validation
+split. ``co_trained`` trains the system with the rule too and is labelled so in the title.
 """
 
 from __future__ import annotations
@@ -13,37 +14,23 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
 from models.config import Params
 from models.config.ff import RulesLQConfig
 from models.ff import metrics
 from models.ff.mlp import DeepMLP
+from models.ff.rules import Rule
 from models.ff.tasks.lq import exact_costate, lq_config, make_lq
 from models.pipeline import RunSpec
 from models.studies import baselines
 from models.studies import ff_common as ff
+from models.training.trainer import Trainer
 
 
-class FixedSystemTrainer(ff.FFTrainer):
-    """The rule's estimators learn on the data stream; the system's weights never change.
-
-    Logged: ``loss`` (the system's batch loss: the costate's source), the estimators' terms,
-    and at evaluation the costate cosine on the validation split (how far the estimators got).
-    """
-
-    def train_step(self, step: int, lr: float) -> dict[str, float]:
-        x, y = self.next_batch(step)
-        stats = self.rule.learn(x, y)
-        with torch.no_grad():
-            stats["loss"] = float(self.net.loss(self.net(x), y))
-        self._last = {}
-        return stats
-
-    def evaluate(self) -> dict[str, float]:
-        d = self.data
-        x, y = d.x_val[:ff.DIAG_BATCH], d.y_val[:ff.DIAG_BATCH]
-        cc = metrics.costate_cosine(self.rule.credit(x, y), exact_costate(self.net, x, y))
-        return {"val_costate_cosine": cc["mean"]}
+def costate_cosine(rule: Rule, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean costate cosine of the rule's credit on (x, y): how far the estimators got."""
+    return metrics.costate_cosine(rule.credit(x, y), exact_costate(net, x, y))["mean"]  # type: ignore[arg-type]
 
 
 class RulesLQStudy:
@@ -79,24 +66,30 @@ class RulesLQStudy:
                                     data.y_fit[:ff.CAL_BATCH]), "health": refs}
 
     def build_trainer(self, params: Params, spec: RunSpec, calibration: dict[str, Any],
-                      device: torch.device) -> ff.FFTrainer:
+                      device: torch.device) -> Trainer:
         cfg = params.study_as(self.name, RulesLQConfig)
         rule_cfg, net, data = self._setup(params, spec.row, spec.seed, device)
-        cls = FixedSystemTrainer if cfg.task.system == "fixed" else ff.FFTrainer
-        return ff.make_trainer(rule_cfg, net, data, cfg.row_train(spec.row), spec.seed,
-                               cfg.row_epochs(spec.row), calibration, cls)
+        rule = ff.make_rule(rule_cfg, net, spec.seed, cfg.row_epochs(spec.row), calibration)
+        fixed = cfg.task.system == "fixed"
+        x, y = data.x_val[:ff.DIAG_BATCH], data.y_val[:ff.DIAG_BATCH]
+        return ff.make_trainer(
+            rule_cfg, rule, data, cfg.row_train(spec.row), spec.seed, train_net=not fixed,
+            evaluate=(lambda m: {"val_costate_cosine": costate_cosine(rule, m, x, y)})
+            if fixed else None)
 
-    def diagnose(self, params: Params, spec: RunSpec, trainer: ff.FFTrainer,
+    def diagnose(self, params: Params, spec: RunSpec, trainer: Trainer,
                  device: torch.device) -> dict[str, Any]:
         """On held-out test examples: costate cosine vs the exact adjoint, rho, nudge, Gamma."""
-        out = {**trainer.test(), **ff.FFTrainer.evaluate(trainer), **trainer.evaluate()}
-        d = trainer.data
+        _, _, d = self._setup(params, spec.row, spec.seed, device)
+        net = trainer.model
+        out = {**ff.held_out(net, d.x_test, d.y_test, "test"),
+               **ff.held_out(net, d.x_val, d.y_val, "val"), **trainer.evaluate()}
         x, y = d.x_test[:ff.DIAG_BATCH], d.y_test[:ff.DIAG_BATCH]
-        exact = exact_costate(trainer.net, x, y)  # type: ignore[arg-type]
-        credit, credits = ff.credit_metrics(trainer.rule, x, y)
+        exact = exact_costate(net, x, y)  # type: ignore[arg-type]
+        credit, credits = ff.credit_metrics(ff.ff_rule(trainer), x, y)
         out.update(credit)
         cc = metrics.costate_cosine(credits, exact)
         out.update({("costate_cosine" if k == "mean" else f"costate_cosine/{k}"): v
                     for k, v in cc.items()})
-        names = trainer.net.layer_names()
+        names = net.layer_names()  # type: ignore[operator]
         return {"metrics": out, "extras": ff.target_norms(names, credits)}

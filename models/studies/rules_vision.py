@@ -21,6 +21,7 @@ from models.ff.tasks.cifar10 import load_cifar10
 from models.pipeline import RunSpec, mnist1d_file
 from models.studies import baselines
 from models.studies import ff_common as ff
+from models.training.trainer import Trainer
 
 
 def load_split(cfg: RulesVisionConfig) -> Split:
@@ -65,20 +66,20 @@ class RulesVisionStudy:
                                     data.y_fit[:ff.CAL_BATCH]), "health": refs}
 
     def build_trainer(self, params: Params, spec: RunSpec, calibration: dict[str, Any],
-                      device: torch.device) -> ff.FFTrainer:
+                      device: torch.device) -> Trainer:
         cfg = params.study_as(self.name, RulesVisionConfig)
         rule_cfg, net, data = self._setup(params, spec.row, spec.seed, device)
-        return ff.make_trainer(rule_cfg, net, data, cfg.row_train(spec.row), spec.seed,
-                               cfg.row_epochs(spec.row), calibration)
+        rule = ff.make_rule(rule_cfg, net, spec.seed, cfg.row_epochs(spec.row), calibration)
+        return ff.make_trainer(rule_cfg, rule, data, cfg.row_train(spec.row), spec.seed)
 
-    def diagnose(self, params: Params, spec: RunSpec, trainer: ff.FFTrainer,
+    def diagnose(self, params: Params, spec: RunSpec, trainer: Trainer,
                  device: torch.device) -> dict[str, Any]:
         """Test accuracy/CE on the held-out test split; Gamma, rho, nudge on test examples."""
-        out = {**trainer.test(), **trainer.evaluate()}
-        d = trainer.data
+        _, _, d = self._setup(params, spec.row, spec.seed, device)
+        out = {**ff.held_out(trainer.model, d.x_test, d.y_test, "test"), **trainer.evaluate()}
         x, y = d.x_test[:ff.DIAG_BATCH], d.y_test[:ff.DIAG_BATCH]
-        credit, credits = ff.credit_metrics(trainer.rule, x, y)
+        credit, credits = ff.credit_metrics(ff.ff_rule(trainer), x, y)
         out.update(credit)
         out["chance_accuracy"] = 1.0 / (int(d.y_fit.max()) + 1)
-        names = trainer.net.layer_names()  # type: ignore[operator]
+        names = trainer.model.layer_names()  # type: ignore[operator]
         return {"metrics": out, "extras": ff.target_norms(names, credits)}

@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from models import io
 from models.config import TrainConfig
 from models.errors import GuardStop
-from models.studies.base import Trainer
+from models.studies.base import Trainable
 from models.training import checkpoint, rng
 from models.training.schedule import lr_at
 
@@ -36,7 +36,7 @@ class Segment:
     log: Path
 
 
-def run_segment(trainer: Trainer, seg: Segment, cfg: TrainConfig, identity: dict[str, str],
+def run_segment(trainer: Trainable, seg: Segment, cfg: TrainConfig, identity: dict[str, str],
                 guard: Callable[[dict[str, float]], str | None] | None = None,
                 label: str = "", config: dict[str, Any] | None = None) -> list[dict[str, float]]:
     """Train one segment; returns the logged rows (also written to ``seg.log``)."""
