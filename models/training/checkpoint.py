@@ -16,7 +16,7 @@ import torch
 from models import io
 from models.errors import CheckpointError
 
-FORMAT = 2
+FORMAT = 3  # 3: the one trainer's state (model, optimizer, ema, batches, rule, layer_rates)
 
 
 def save(path: Path, *, step: int, identity: dict[str, str], trainer: dict[str, Any],
