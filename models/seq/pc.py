@@ -269,7 +269,7 @@ def unrolled_grads(net: PCNet, x: Tensor, y: Tensor, pi: Tensor, beta: float, st
                                         create_graph=True)
             moved = [a - step / tt * g for a, tt, g in zip(ahead, tau, grads, strict=True)]
             vel = [n - h for n, h in zip(moved, hs, strict=True)]
-            if sum(float((g * v).sum()) for g, v in zip(grads, vel, strict=True)) > 0:
+            if sum(float((g * v).detach().sum()) for g, v in zip(grads, vel, strict=True)) > 0:
                 t_next = 1.0
             hs, t = moved, t_next
         loss = F.cross_entropy(net.logits(hs[-1]), y)
