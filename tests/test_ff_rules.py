@@ -46,18 +46,22 @@ def ln_vjp_by_hand(ln: torch.nn.LayerNorm, h: torch.Tensor, v: torch.Tensor) -> 
     return (gv - gv.mean(-1, keepdim=True) - xh * (gv * xh).mean(-1, keepdim=True)) / sd
 
 
-def test_dfa_credit_is_feedback_through_final_layernorm_by_hand() -> None:
+@pytest.mark.parametrize("feedback", ["shared", "per_layer"])
+def test_dfa_credit_is_feedback_through_final_layernorm_by_hand(feedback: str) -> None:
     net = tiny_net(block_layers=1, act="tanh")
     with torch.no_grad():
         net.ln_f.weight.uniform_(0.5, 1.5)  # a non-trivial gain must enter the Jacobian
-    rule = DFA(net, FFDFARule(feedback_scale=0.7), seed=3)
+    rule = DFA(net, FFDFARule(feedback_scale=0.7, feedback=feedback), seed=3)
+    n = len(net.layer_names())
+    assert rule.B.shape == ((1 if feedback == "shared" else n), 6, 3)
     x, y = batch()
     rule.update(x, y)
     with torch.no_grad():
         hs = net.states(x)
         p = torch.softmax(net.readout(hs[-1]), -1)
         e = (p - F.one_hot(y, 3).double()) / x.shape[0]
-        cs = [ln_vjp_by_hand(net.ln_f, hs[-1], 0.7 * e @ rule.B[i].T) for i in range(len(hs))]
+        bs = [rule.B[0 if feedback == "shared" else i] for i in range(n)]
+        cs = [ln_vjp_by_hand(net.ln_f, hs[-1], 0.7 * e @ b.T) for b in bs]
         for c, mine in zip(cs, rule.credit(x, y), strict=True):
             torch.testing.assert_close(mine, c)
             assert float(c.sum(-1).abs().max()) < 1e-12  # LN_f discards the mean direction
@@ -73,12 +77,27 @@ def test_dfa_credit_is_feedback_through_final_layernorm_by_hand() -> None:
 
 def test_dfa_without_final_layernorm_is_plain_feedback() -> None:
     net = tiny_net(block_layers=1, act="identity", layernorm=False)
-    rule = DFA(net, FFDFARule(feedback_scale=1.3), seed=2)
+    rule = DFA(net, FFDFARule(feedback_scale=1.3, feedback="per_layer"), seed=2)
     x, y = batch()
     with torch.no_grad():
         e = (torch.softmax(net(x), -1) - F.one_hot(y, 3).double()) / x.shape[0]
-    for i, c in enumerate(rule.credit(x, y)):
+    credits = rule.credit(x, y)
+    for i, c in enumerate(credits):
         torch.testing.assert_close(c, 1.3 * e @ rule.B[i].T)
+    assert cosine(credits[0], credits[1]) < 0.9  # independent matrices, different credits
+
+
+def test_dfa_shared_feedback_gives_every_layer_the_same_projection() -> None:
+    # Launay et al. (2020): one fixed random projection of e for the whole residual stream
+    # (the default).
+    net = tiny_net(block_layers=1, act="identity", layernorm=False)
+    shared = DFA(net, FFDFARule(feedback_scale=1.0), seed=2)
+    x, y = batch()
+    with torch.no_grad():
+        e = (torch.softmax(net(x), -1) - F.one_hot(y, 3).double()) / x.shape[0]
+    credits = shared.credit(x, y)
+    for c in credits:
+        torch.testing.assert_close(c, e @ shared.B[0].T)
 
 
 def test_dtp_targets_follow_difference_formula() -> None:

@@ -121,3 +121,36 @@ def test_diagnose_reads_the_held_out_test_split(monkeypatch: pytest.MonkeyPatch)
     after = study.diagnose(params, spec, trainer, CPU)["metrics"]
     assert after["test_accuracy@a1_L2"] != pytest.approx(before["test_accuracy@a1_L2"])
     assert after["val_accuracy@a1_L2"] == pytest.approx(before["val_accuracy@a1_L2"])
+
+
+def test_ladder_report_states_log_002_finding_with_numbers() -> None:
+    import pandas as pd
+
+    from models.studies.rules_ladder import RulesLadderStudy
+
+    def row(name: str, seed: int, g1: tuple[float, float], g0: tuple[float, float]) -> dict:
+        out = {"study": "rules_ladder", "row": name, "seed": seed}
+        for a, (l2, l4) in ((1.0, g1), (0.0, g0)):
+            for metric in ("gamma", "rho"):
+                out[f"{metric}@a{a:g}_L2"], out[f"{metric}@a{a:g}_L4"] = l2, l4
+        return out
+
+    frame = pd.DataFrame([  # BP would lead everywhere: it is shown, never ranked
+        *(row("bp", s, (0.99, 0.99), (0.99, 0.99)) for s in (0, 1)),
+        *(row("dfa", s, (0.05, 0.06), (0.10, 0.10)) for s in (0, 1)),
+        row("state_bridge", 0, (0.50, 0.30), (0.60, 0.50)),
+        row("state_bridge", 1, (0.54, 0.34), (0.62, 0.52)),
+        row("credit_bridge", 0, (0.60, 0.20), (0.20, 0.10)),
+        row("credit_bridge", 1, (0.60, 0.30), (0.20, 0.10))])
+    text = RulesLadderStudy().extra_markdown(frame)
+    lines = {ln.split(" (")[0]: ln for ln in text.splitlines() if ln.startswith("- a=")}
+    # a=1: CB mean (0.60 + 0.25) / 2 = 0.425 vs SB (0.52 + 0.32) / 2 = 0.42 -> leads, at L=2 only
+    assert "credit_bridge 0.425, state_bridge 0.420, dfa 0.055" in lines["- a=1, gamma"]
+    assert "**reproduced**" in lines["- a=1, gamma"]
+    assert "credit_bridge leads at 1 of 2 depths (L=2)" in lines["- a=1, gamma"]
+    assert "**reproduced**" in lines["- a=0, rho"]
+    assert "state_bridge leads at 2 of 2 depths" in lines["- a=0, rho"]
+    frame.loc[frame["row"] == "dfa", "gamma@a1_L2"] = 0.9
+    lines = {ln.split(" (")[0]: ln for ln in RulesLadderStudy().extra_markdown(frame).splitlines()
+             if ln.startswith("- a=")}
+    assert "leader dfa -> **NOT reproduced**" in lines["- a=1, gamma"]

@@ -50,6 +50,9 @@ class FFDFARule(_RuleBase):
     kind: Literal["dfa"] = "dfa"
     # "calibrated": RMS of the credit matched to BP's dL/dh_l at initialisation (calibrate stage)
     feedback_scale: Annotated[float, Field(gt=0)] | Literal["calibrated"] = "calibrated"
+    # shared: one B for the residual stream (Launay et al. 2020); per_layer: B_l per layer
+    # (Nokland 2016). models/ff/rules/dfa.py says why shared is the default.
+    feedback: Literal["shared", "per_layer"] = "shared"
 
 
 class FFDTPRule(_RuleBase):
@@ -108,7 +111,8 @@ class FFCreditBridgeRule(_RuleBase):
     """Credit bridge (models.ff.rules.credit_bridge)."""
 
     kind: Literal["credit_bridge"] = "credit_bridge"
-    bridge_lr: Annotated[float, Field(gt=0)] = 1e-3  # Adam, internal, value head and bridges
+    # Adam, internal, value head and bridges: 10x the net's lr so V tracks the moving net
+    bridge_lr: Annotated[float, Field(gt=0)] = 1e-2
     d_value: Annotated[int, Field(gt=0)] = 256
     term_grad_weight: Annotated[float, Field(ge=0)] = 1.0
     warmup_frac: Annotated[float, Field(ge=0, le=1)] = 0.2  # DFA warm-up, fraction of epochs

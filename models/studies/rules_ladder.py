@@ -169,20 +169,33 @@ class RulesLadderStudy:
     @staticmethod
     def _finding_check(sub: pd.DataFrame) -> list[str]:
         """Log 002's claim, tested on these runs: at a = 1 the credit bridge leads on Gamma and
-        rho; at a = 0 the state bridge leads (leader = best mean over depths, BP excluded)."""
+        rho (at every depth, in the log); at a = 0 the state bridge leads. Per a and metric:
+        every backprop-free rule's seed-mean averaged over depths, the leader of that average
+        (the verdict) and at how many depths the expected rule leads (BP is not ranked)."""
         lines = ["### Log 002's ladder finding, checked on these runs", ""]
+        ranked_rows = sub[sub["row"] != "bp"]
         for a, expected in ((1.0, "credit_bridge"), (0.0, "state_bridge")):
             for metric in ("gamma", "rho"):
-                cols = [c for c in sub.columns
-                        if c.startswith(f"{metric}@") and _parse(c[len(metric) + 1:])[0] == a]
-                ranked = sub[sub["row"] != "bp"].groupby("row")[cols].mean().mean(axis=1)
-                if ranked.empty or ranked.isna().all():
+                cols = sorted((c for c in sub.columns if c.startswith(f"{metric}@")
+                               and _parse(c[len(metric) + 1:])[0] == a),
+                              key=lambda c: _parse(c[len(metric) + 1:])[1])
+                per_depth = ranked_rows.groupby("row")[cols].mean()
+                means = per_depth.mean(axis=1)
+                if means.empty or means.isna().all():
                     lines.append(f"- a={a:g}, {metric}: not measured in this grid")
                     continue
-                leader = ranked.idxmax()
+                leader = means.idxmax()
                 verdict = "reproduced" if leader == expected else "NOT reproduced"
-                lines.append(f"- a={a:g}, {metric}: expected {expected} to lead; leader is "
-                             f"{leader} ({ranked[leader]:.2f}) -> **{verdict}**")
+                values = ", ".join(f"{r} {means[r]:.3f}" for r in means.sort_values(
+                    ascending=False).index)
+                depths = [_parse(c[len(metric) + 1:])[1] for c in cols]
+                wins = [d for d, c in zip(depths, cols, strict=True)
+                        if per_depth[c].idxmax() == expected]
+                where = (f"{expected} leads at {len(wins)} of {len(depths)} depths"
+                         + (f" (L={', '.join(map(str, wins))})" if wins else ""))
+                lines.append(f"- a={a:g}, {metric} (mean over L={', '.join(map(str, depths))}): "
+                             f"{values}; expected {expected} to lead, leader {leader} -> "
+                             f"**{verdict}**; {where}")
         return [*lines, ""]
 
 

@@ -1,25 +1,51 @@
-"""Credit bridge (log 002): learned values V_l(h_l) ~ loss; credit_l = grad V_l, normalised.
+"""Credit bridge (log 002, METHODS §3): learned values V_l(h_l) ~ loss; credit_l = grad V_l.
 
-V_l = v o R_l: a value head v on the output state h_L (MLP h -> LN -> d_value -> 1) and a bridge
-R_l with the block architecture (h + f(LN(h)), near identity) carrying h_l into that space;
-R_L = identity. (Log 002 does not give the architecture; sharing v is what lets the output-local
-terminal gradient matching inform hidden layers, and is our reading of "with it, the credit
-bridge matches the state bridge on the toy".) Losses, per sample l_i of the current net:
+The algorithm, choice by choice (the log fixes the first five; the rest are ours, with why):
 
-- v:   mean (v(h_L) - l_i)^2
-       + term_grad_weight * sum||grad v(h_L) - dl_i/dh_L||^2 / sum||dl_i/dh_L||^2
-       (terminal gradient matching: output-local, no hidden back-propagation; normalised so
-       term_grad_weight = 1 is scale free),
-- R_l: mean (v(R_l(h_l)) - l_i)^2, stepping R_l only.
+1. **Values.** V_l(h_l, y) ~ l_i, the per-sample loss of the current net. V_l = v o R_l: a value
+   head v on the output state (MLP [LN(h), target code] -> d_value -> 1; the code is the one-hot
+   class for CE, the target for MSE, as l_i depends on y) and a bridge R_l with the block
+   architecture (h + f(LN(h)), near the identity at init, as h_L is h_l plus the later residual
+   branches) carrying h_l into that space; R_L = identity. Log 002 does not give the
+   architecture; sharing v is what lets the output-local terminal gradient matching inform the
+   hidden layers (our reading of "with it, the credit bridge matches the state bridge on the toy").
+2. **Terminal gradient matching** (term_grad_weight = 1): at the output layer grad_h v(h_L, y) is
+   fitted to the true per-sample dl_i/dh_L, which the head alone gives (output-local: no hidden
+   back-propagation). Without it V learns the right values with uninformative gradients (log 002).
+3. **Credit** a_l = grad_{h_l} V_l(h_l, y), normalised a / (RMS(a) + 1e-6) over the layer's batch
+   tensor (log 002), then times RMS(dL/dh_L) of the batch-mean loss (output-local, from the head):
+   the direction and the equal RMS across layers are the log's; the common factor gives the
+   credit BP's units. (The log's unit-RMS credit is ~100x BP's scale: the jump from the DFA
+   warm-up's BP-scaled credit to it left Adam's second-moment estimate lagging, and the global
+   gradient clip then scaled the head's own gradient down with it.)
+4. **DFA warm-up**: for the first ``warmup_frac`` (0.2) of ``epochs`` the net is trained with
+   DFA credit (models.ff.rules.dfa, the study's DFA: shared feedback through LN_f's Jacobian)
+   while v and the bridges already learn, so the value net does not bootstrap from an untrained
+   net (log 002).
+5. Losses, per sample, of the estimators (their own Adam, ``bridge_lr``), on the current batch
+   before the net's update:
+   - v:   sum (v(h_L) - l_i)^2 / sum l_i^2
+          + term_grad_weight * sum ||grad v(h_L) - dl_i/dh_L||^2 / sum ||dl_i/dh_L||^2
+          (both scale free, so term_grad_weight = 1 weighs them equally),
+   - R_l: sum (v(R_l(h_l)) - l_i)^2 / sum l_i^2, stepping R_l only (v is fitted at the top).
+6. **Counterfactual targets** (ours): each state is fitted at its own y and at another sample's
+   (a batch permutation from the rule's RNG). V_l is a function of y too; at one y per state
+   the value regression fixes only one level set of v per state, at two it also pins R_l down
+   along the output directions the credit needs.
+7. **The estimators must keep up with the net** (``bridge_lr`` = 1e-2, ten times the net's lr).
+   V_l has to track a moving target, the loss of a net whose head and blocks change every step,
+   and its gradient, not just its value, must be right. At bridge_lr = 1e-3 (issue 13's default
+   run: MNIST-1D test accuracy 0.266 against 0.297 for the head alone) the value gradient still
+   had a relative squared error of 0.8-0.9 when the warm-up ended (term/term_grad), so the
+   first credit-bridge epochs pushed the net the wrong way, and even at the end, with
+   per-sample cosine 0.99 at the top, the batch-summed credit (what a weight update sums) of
+   the lower layers pointed against BP's. At 1e-2 term/term_grad is 0.03-0.04 when the warm-up
+   ends and the rule reaches 0.559 / 0.563 / 0.561 (seeds 0-2, 20 epochs; 1e-3 under the same
+   DFA warm-up: 0.278 / 0.290 / 0.281).
 
-Credit a_l = grad_{h_l} V_l(h_l), normalised a / (RMS(a) + 1e-6) over the layer's batch tensor
-(log 002), times RMS(dL/dh_L) of the batch-mean loss (output-local, from the head). The log's
-unit-RMS credit is ~100x BP's scale; with Adam, the jump from the DFA warm-up's BP-scaled
-credit to it left Adam's second-moment estimate lagging for hundreds of steps (effective step
-~10x lr) and MNIST-1D training stalled at 25%, below the head alone (issue 13). The direction
-and the equal RMS across layers are the log's. For the first
-``warmup_frac`` of ``epochs`` the net is trained with DFA credit instead (the bridges keep
-learning) so the value net does not bootstrap from an untrained net (log 002).
+Nothing here back-propagates through the net's blocks: the net's layers get their credit from
+v and R_l (estimators that see only h_l, h_L, the head's output gradient and y), and each layer
+turns it into a weight update locally (``apply_credit``).
 """
 
 from __future__ import annotations

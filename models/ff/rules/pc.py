@@ -182,8 +182,11 @@ class PC(Rule):
         clamped = apply_credit(self.net, x, hs, self.credits_from(x, hs), y)
         m = self.learn_precisions(x, hs) if learn else self.error_power(x, hs)
         names = self.net.layer_names()
+        # Logged as the loop's own residual, not ``residual``: that key is a fixed-point map's
+        # relative step (EP, eqt; gated at 1e-2 by residual_growth), while this one is the
+        # fraction of the clamp's initial force left, whose tolerance is settle_tol (2e-2).
         stats = {"loss": self.last_ff_loss, "term/clamped_loss": float(clamped),
-                 "settle_iters": float(iters), "residual": res,
+                 "settle/inference/iters": float(iters), "settle/inference/residual": res,
                  "settle/inference/tol": c.settle_tol,
                  "settle/inference/cap": float(c.settle_iters)}
         pis = self.precision().detach()
