@@ -50,10 +50,11 @@ def train(row: str) -> tuple[float, float]:
     cal = study.calibrate(params, row, CPU)
     head = next(b for b in cal["health"]["baselines"] if b["name"] == "head_only")
     cfg = params.study("rules_vision").row_train(row)
-    trainer = study.build_trainer(params, RunSpec("rules_vision", row, SEED), cal, CPU)
+    spec = RunSpec("rules_vision", row, SEED)
+    trainer = study.build_trainer(params, spec, cal, CPU)
     for step in range(cfg.steps):
         trainer.train_step(step, lr_at(step, cfg))
-    return trainer.test()["test_accuracy"], head["value"]
+    return study.diagnose(params, spec, trainer, CPU)["metrics"]["test_accuracy"], head["value"]
 
 
 @pytest.mark.usefixtures("one_thread")
