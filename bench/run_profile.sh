@@ -7,10 +7,10 @@
 # report, copied to reports/<profile>/ with each run's diagnostics, calibration, segment logs
 # and stage output.
 #
-# Idempotent and resumable: finished stages are skipped and training continues from the last
-# segment, so a protocol can span several sessions on a machine with a time limit. A deadline
-# (seconds, second argument) stops everything still running then (a killed segment costs only
-# that segment) and exits 3.
+# Idempotent and resumable: current calibrations and diagnostics are kept (by run identity, as
+# the stages define it) and training continues from the last valid segment, so a protocol can
+# span several sessions on a machine with a time limit. A deadline (seconds, second argument)
+# stops everything still running then (a killed segment costs only that segment) and exits 3.
 #   bench/run_profile.sh PROFILE [DEADLINE_S]      e.g. bench/run_profile.sh gpu-short 540
 # Env: PYTHON (interpreter), RUNS ("study/row/seed ..."; default: every run of the profile).
 # With Snakemake the same is: snakemake --cores 8 --config profile=PROFILE report
@@ -50,9 +50,8 @@ done
 i=0
 for row in $(printf '%s\n' $RUNS | cut -d/ -f1,2 | awk '!seen[$0]++'); do
   study=${row%/*} r=${row#*/}
-  [ -f "runs/$study/calibration/$r.json" ] && continue
   CUDA_VISIBLE_DEVICES=$(gpu_of $i) $PY -m stages.calibrate --study "$study" --row "$r" \
-    >> "$LOGS/${study}_$r.txt" 2>&1 &
+    --stale-only >> "$LOGS/${study}_$r.txt" 2>&1 &
   i=$(( i + 1 ))
 done
 stop_at_deadline
@@ -61,9 +60,8 @@ i=0
 for run in $RUNS; do
   IFS=/ read -r study row seed <<< "$run"
   ( export CUDA_VISIBLE_DEVICES=$(gpu_of $i)
-    [ -f "runs/$study/diagnostics/$row/seed$seed.json" ] \
-      || { $PY -m stages.train --study "$study" --row "$row" --seed "$seed" \
-           && $PY -m stages.diagnose --study "$study" --row "$row" --seed "$seed"; }
+    $PY -m stages.train --study "$study" --row "$row" --seed "$seed" \
+      && $PY -m stages.diagnose --study "$study" --row "$row" --seed "$seed" --stale-only
   ) >> "$LOGS/${study}_${row}_seed$seed.txt" 2>&1 &
   i=$(( i + 1 ))
 done

@@ -22,6 +22,9 @@ def main(study: str = typer.Option(..., help="Study key under params `studies`, 
          row: str | None = typer.Option(
              None, help="Row (learning rule) of that study, e.g. bp. Without it: every row "
                         "whose calibration is missing or was made by another identity."),
+         stale_only: bool = typer.Option(
+             False, "--stale-only", help="With --row: calibrate only if its calibration is "
+             "missing or was made by another identity (scripts that run stages by hand)."),
          params: Path = PARAMS_OPTION) -> None:
     """Write runs/<study>/calibration/<row>.json.
 
@@ -36,12 +39,10 @@ def main(study: str = typer.Option(..., help="Study key under params `studies`, 
         return
     if row is not None:
         check_row(cfg, study, row)
-        _calibrate(cfg, study, row)
-        return
-    for name in cfg.study(study).rows:
+    for name in [row] if row is not None else cfg.study(study).rows:
         out = calibration_file(study, name)
-        if out.is_file() and io.read_json(out).get("identity") == calibration_identity(
-                cfg, study, name):
+        if ((row is None or stale_only) and out.is_file()
+                and io.read_json(out).get("identity") == calibration_identity(cfg, study, name)):
             print(f"calibrate: {study}/{name} is current")
             continue
         _calibrate(cfg, study, name)

@@ -36,6 +36,9 @@ def main(study: str = typer.Option(..., help="Study key under params `studies`."
              False, "--any-identity", help="Diagnose checkpoints made under another run identity "
              "(e.g. trained on another machine from another checkout); the report marks such "
              "runs stale."),
+         stale_only: bool = typer.Option(
+             False, "--stale-only", help="With --row: diagnose only if its diagnostics are "
+             "missing or stale (scripts that run stages by hand)."),
          params: Path = PARAMS_OPTION) -> None:
     """Write runs/<study>/diagnostics/<row>/seed<seed>.json.
 
@@ -53,7 +56,8 @@ def main(study: str = typer.Option(..., help="Study key under params `studies`."
     findings: list[Finding] = []
     for spec in runs(cfg, study):
         if row in (None, spec.row) and seed in (None, spec.seed):
-            findings += _diagnose(cfg, spec, force=row is not None, any_identity=any_identity)
+            findings += _diagnose(cfg, spec, force=row is not None and not stale_only,
+                                  any_identity=any_identity)
     if cfg.health.fail_on != "never":
         worst = [f for f in findings if f.severity >= Severity.parse(cfg.health.fail_on)]
         if worst:
