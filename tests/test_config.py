@@ -45,6 +45,10 @@ def test_wrong_type_names_key_and_value() -> None:
     ({"data": {"text": {"source": "file"}}}, "data.text.path"),
     ({"device": "tpu"}, "device"),
     ({"studies": {"eqt_lm": {"train": {"steps": 0}}}}, "steps"),
+    # counted in epochs: a step count would be replaced silently, so it is refused
+    ({"studies": {"rules_ladder": {"train": {"segment_steps": 360}}}}, "segment_epochs"),
+    ({"studies": {"rules_vision": {"rules": {"dfa": {"train": {"steps": 9}}}}}},
+     "rules.dfa.train.steps"),
 ])
 def test_impossible_values(override: dict, needle: str) -> None:
     assert needle in _error(tiny_params(override))

@@ -220,6 +220,20 @@ class _FFStudyBase(StudyConfig):
             merge_checked(self.model, rule.model, f"rules.{name}.model")
         return self
 
+    @model_validator(mode="after")
+    def _no_step_counts(self) -> _FFStudyBase:
+        """These studies count training in epochs and ``row_train`` derives the step counts; a
+        step count given under ``train`` would be replaced without a word, so it is refused."""
+        given = [("train", self.train.model_fields_set),
+                 *((f"rules.{n}.train", set(r.train)) for n, r in self.rules.items())]
+        for where, keys in given:
+            bad = sorted(set(keys) & {"steps", "segment_steps", "decay_steps"})
+            if bad:
+                raise ValueError(f"{where}.{bad[0]}: the feed-forward studies count training in "
+                                 "epochs (steps, segment_steps and decay_steps follow from "
+                                 "`epochs` and `segment_epochs`); set those instead")
+        return self
+
     @abstractmethod
     def n_fit(self) -> int:
         """Training examples per epoch (the task's train split minus the validation part)."""
