@@ -13,7 +13,7 @@
 # stops everything still running then (a killed segment costs only that segment) and exits 3.
 #   bench/run_profile.sh PROFILE [DEADLINE_S]      e.g. bench/run_profile.sh gpu-short 540
 # Env: PYTHON (interpreter), RUNS ("study/row/seed ..."; default: every run of the profile).
-# With Snakemake the same is: snakemake --cores 8 --config profile=PROFILE report
+# With Snakemake the same is: snakemake --cores 8 report --config profile=PROFILE
 set -uo pipefail
 PROFILE=${1:?usage: bench/run_profile.sh PROFILE [DEADLINE_S]}
 export BPFREE_PROFILE=$PROFILE PYTHONUNBUFFERED=1
