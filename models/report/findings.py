@@ -21,16 +21,19 @@ from models.training.segments import read_logs
 
 
 def git_commit() -> str:
-    """HEAD and whether the tree had uncommitted changes when the report was made; outside a
-    git checkout (a copy of the tree on a GPU machine) what ``$BPFREE_GIT_COMMIT`` says."""
+    """HEAD and whether the tree had uncommitted changes when the report was made. A copy of
+    the tree made elsewhere (a GPU machine) names its commit in ``$BPFREE_GIT_COMMIT``, which
+    wins: such a copy may carry no ``.git`` or another one (seen: an old HEAD)."""
+    given = os.environ.get("BPFREE_GIT_COMMIT")
+    if given:
+        return f"{given} (a copy of that commit's tree)"
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        given = os.environ.get("BPFREE_GIT_COMMIT")
-        return f"{given} (a copy of that commit's tree)" if given else "unknown (not a git checkout)"
+        return "unknown (not a git checkout)"
     return f"{head}{' (uncommitted changes)' if dirty else ''}"
 
 
