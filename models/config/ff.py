@@ -142,6 +142,8 @@ class FFModelConfig(Strict):
     energy_dt: Annotated[float, Field(gt=0, le=1)] = 0.5
     energy_free_steps: Annotated[int, Field(gt=0)] = 40  # cap on the free phase
     energy_tol: Annotated[float, Field(ge=0)] = 1e-5  # free-phase relative residual to stop at
+    # heavy ball (with adaptive restart) of the free phase; models/ff/energy.py says why
+    energy_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
 
 
 class VisionTaskConfig(Strict):

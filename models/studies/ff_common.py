@@ -63,7 +63,7 @@ def mlp_config(m: FFModelConfig, d_in: int, d_out: int) -> MLPConfig:
 def energy_config(m: FFModelConfig, d_in: int, d_out: int) -> EnergyMLPConfig:
     return EnergyMLPConfig(d_in=d_in, d_out=d_out, hidden=list(m.energy_hidden),
                            act=m.energy_act, dt=m.energy_dt, free_steps=m.energy_free_steps,
-                           tol=m.energy_tol)
+                           tol=m.energy_tol, momentum=m.energy_momentum)
 
 
 def build_rule(rule_cfg: Any, net: nn.Module, seed: int, epochs: int) -> Rule:
@@ -251,9 +251,14 @@ def credit_metrics(rule: Rule, x: Tensor, y: Tensor) -> tuple[dict[str, float], 
 
 def ep_reference(net: EnergyMLP, x: Tensor, y: Tensor) -> tuple[dict[str, Tensor], list[Tensor]]:
     """BP through the unrolled free phase: parameter gradients, and dL/d(current into s_k) (the
-    adjoint EP's credit estimates) via zero currents added to the energy."""
+    adjoint EP's credit estimates) via zero currents added to the energy.
+
+    The unroll is ``free_steps`` plain projected steps started at the relaxed free state s*
+    (the free phase's own solver, to its tolerance): at a fixed point this is the implicit
+    gradient at s* truncated after ``free_steps`` terms of its Neumann series, the gradient EP
+    estimates, whatever solver found s*."""
     currents = [x.new_zeros(x.shape[0], d, requires_grad=True) for d in net.cfg.hidden]
-    s = [x.new_zeros(x.shape[0], d, requires_grad=True) for d in net.cfg.hidden]
+    s = [t.detach().requires_grad_(True) for t in net.relax(x, net.cfg.free_steps)[0]]
     groups = net.param_groups()
     params = [p for ps in groups.values() for p in ps]
     with torch.enable_grad():
