@@ -97,6 +97,28 @@ def test_differential_nudge_is_the_lockstep_estimator_to_beta_squared(adaptive: 
     assert 3.0 < gaps[0] / gaps[1] < 5.0, gaps
 
 
+@pytest.mark.parametrize("nudge", ["lockstep", "differential"])
+def test_fast_t2_continuation_matches_eager(nudge: str) -> None:
+    """The chunked nudged continuation (``t2_tol``) on the fast path: same snapshot, same
+    iterations and increments as the eager loop (lockstep exactly; differential to O(beta^2))."""
+    model, idx, tgt = make(7, qk_norm=True)
+    cfg = NudgeConfig(beta=1e-3, aep="tracking", adaptive_t2=True, t2_max=8, snapshot_every=4,
+                      t2_tol=1e-5, t2_cap=208)
+    free = model.free_phase(idx)
+    g_ref, s_ref = ep_gradients(model, idx, tgt, cfg, free)
+    fast = FastEQ(model, FastConfig(graphs=False, compile=False, nudge=nudge))  # type: ignore[arg-type]
+    g, s = fast.gradients(idx, tgt, EPRule(nudge=cfg, stab=StabiliserConfig(controller=False)))
+    assert s_ref["settle/nudged/iters"] > 8  # the continuation ran
+    for key in ("t2", "settle/nudged/iters", "settle/nudged/tol", "settle/nudged/cap"):
+        assert s[key] == s_ref[key], key
+    if nudge == "lockstep":
+        _close(g, g_ref)
+        for key in ("a_increment", "settle/nudged/residual", "a_norm"):
+            assert s[key] == pytest.approx(s_ref[key], rel=1e-7), key
+    else:
+        assert cosine(g, g_ref) > 1 - 1e-6
+
+
 def test_fast_free_phase_continues_like_relax() -> None:
     model, idx, _ = make(2)
     ref = model.free_phase(idx)
@@ -179,6 +201,30 @@ def test_fast_path_matches_eager_fp32_on_cuda(bf16: bool) -> None:
         groups = {k: v for k, v in cos.items() if k.startswith("cos/")}
         assert min(groups.values()) >= floor, (type(cfg).__name__, cos)
         assert abs(cos["norm_ratio"] - 1) <= 0.02, (type(cfg).__name__, cos)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graphed_t2_continuation_on_cuda() -> None:
+    """The continuation's three graphs (head, chunk, gradient) replayed against the same
+    functions run without graphs: same chunks, same snapshot, the same gradient."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    relax_cfg = RelaxConfig(eps=0.1, t1=150, t1max=300, res_target=1e-4)
+    model, idx, tgt = make(0, dtype=torch.float32, relax_cfg=relax_cfg, b=8, t=64, c=64,
+                           device="cuda")
+    cfg = EPRule(nudge=NudgeConfig(adaptive_t2=True, t2_max=8, t2_tol=1e-3, t2_cap=208),
+                 stab=StabiliserConfig(jacreg=0.1, controller=False))
+    out = {}
+    for graphs in (False, True):
+        fast = FastEQ(model, FastConfig(graphs=graphs, tf32=False))
+        for _ in range(2):  # a second replay reuses the captured graphs
+            g, s = fast.gradients(idx, tgt, cfg)
+        out[graphs] = ({n: x.clone() for n, x in g.items()}, s)
+    (g0, s0), (g1, s1) = out[False], out[True]
+    assert s0["settle/nudged/iters"] > 8, s0
+    for key in ("t2", "settle/nudged/iters"):
+        assert s1[key] == s0[key], (key, s0, s1)
+    assert cosine(g1, g0) >= 0.9999
 
 
 def test_jacreg_gradient_matches_finite_differences_with_qk_norm() -> None:

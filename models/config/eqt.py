@@ -91,7 +91,12 @@ class NudgeConfig(Strict):
     points on the circle of radius ``holomorphic_r`` (N = 2 is the real centered contrast at
     beta = r, the recipe's ``--holo 2 --hr 0.02``); AEP correction none | fixed | tracking.
     ``adaptive_t2`` runs to ``t2_max`` and keeps the snapshot (taken every ``snapshot_every``
-    steps) with the smallest increment of a (``--t2sel``). ``nudge_scale``: ``token`` (default)
+    steps) with the smallest increment of a (``--t2sel``). ``t2_tol`` (off by default) makes that
+    horizon adaptive: a nudged phase whose last relative increment |a_t - a_{t-s}| / |a_t| is
+    still above ``t2_tol`` after ``t2_max`` steps continues in chunks of five snapshots until it
+    is below or ``t2_cap`` steps ran (the free phase's continue-until-res_target, applied to the
+    adjoint: when the controller lags, contraction slows and a fixed t2_max truncates it; see
+    ``models.eqt.ep``). ``nudge_scale``: ``token`` (default)
     nudges every token's own loss with beta (the summed loss), ``mean`` the batch-mean loss,
     whose per-element nudge ~beta/(B T) falls below fp32 resolution of z at the log's shape
     (``models.eqt.ep``)."""
@@ -104,6 +109,8 @@ class NudgeConfig(Strict):
     adaptive_t2: bool = False
     t2_max: Annotated[int, Field(ge=1)] = 80
     snapshot_every: Annotated[int, Field(ge=1)] = 4
+    t2_tol: Annotated[float, Field(gt=0)] | None = None
+    t2_cap: Annotated[int, Field(ge=1)] = 300
     nudge_scale: Literal["token", "mean"] = "token"
 
     @model_validator(mode="after")
@@ -113,7 +120,27 @@ class NudgeConfig(Strict):
         if self.adaptive_t2 and self.t2_max < 2 * self.snapshot_every:
             raise ValueError(f"adaptive_t2 needs t2_max >= 2 * snapshot_every (got t2_max="
                              f"{self.t2_max}, snapshot_every={self.snapshot_every})")
+        if self.t2_tol is not None:
+            if not self.adaptive_t2:
+                raise ValueError("t2_tol extends the adaptive T2 horizon; set adaptive_t2: true")
+            chunk = 5 * self.snapshot_every
+            if (self.t2_max % self.snapshot_every or self.t2_cap < self.t2_max
+                    or (self.t2_cap - self.t2_max) % chunk):
+                raise ValueError(f"t2_tol needs t2_max a multiple of snapshot_every and t2_cap = "
+                                 f"t2_max + a multiple of 5 * snapshot_every = {chunk} (got "
+                                 f"t2_max={self.t2_max}, snapshot_every={self.snapshot_every}, "
+                                 f"t2_cap={self.t2_cap})")
         return self
+
+    @property
+    def t2_chunk(self) -> int:
+        """Steps per continuation chunk past t2_max (five snapshots)."""
+        return 5 * self.snapshot_every
+
+    @property
+    def t2_steps(self) -> int:
+        """Nudged steps before any continuation."""
+        return self.t2_max if self.adaptive_t2 else self.t2
 
 
 class FastConfig(Strict):

@@ -42,6 +42,13 @@ reports/gpu-short/README.md and tests/test_eqt_fast.py):
   100: cos >= 0.979 global and >= 0.913 per attention group at every checkpoint of the 2k-step
   protocol) and a controller on the T1 residual (``StabiliserConfig.control = "t1"``: what
   BPTT's unroll and evaluation see).
+- A fixed horizon still fails where the controller lags. In the protocol re-run at 3860d15, at
+  step 500 lambda was still at its floor while the T1 residual had risen past target (2.3e-4;
+  the free phase needed 240 steps, i.e. a contraction of ~0.99 per step); the nudged phase moved
+  5% per snapshot at its best snapshot, the smallest-increment rule took T2 = 40, and the
+  cosine to BPTT fell to 0.89 (attn.v 0.52, norm ratio 0.71). ``t2_tol`` makes the horizon
+  adaptive like the free phase's: past t2_max the phases continue in chunks until the relative
+  increment is under t2_tol (or t2_cap); the snapshot rule is unchanged, over the longer run.
 - Also found: jacreg's theta-gradient through ``torch.func.jvp`` is wrong when LN inputs depend
   on theta (qk-norm); jacreg now uses the closed-form J v (``models.eqt.stabilisers``).
 """
@@ -136,9 +143,12 @@ def nudged_contrast(model: EquilibriumLM, idx: torch.Tensor, targets: torch.Tens
     # "token": beta nudges every token's own loss (the sum), see the module docstring.
     per_token = float(targets.numel()) if cfg.nudge_scale == "token" else 1.0
     scale = float(k) * per_token
-    steps = cfg.t2_max if cfg.adaptive_t2 else cfg.t2
+    steps = cfg.t2_steps
+    cap = cfg.t2_cap if cfg.t2_tol is not None else steps
     best_a, best_inc, best_t, prev_a = None, math.inf, steps, None
-    for t in range(1, steps + 1):
+    rel_inc, t = math.inf, 0
+    while t < cap:
+        t += 1
         f = force(z, x_in) - beta_b * scale * model.ce_grad_z(z, tgt)
         if cfg.aep == "fixed":
             f = f - _correction(interaction, star_k, z - star_k)
@@ -151,15 +161,25 @@ def nudged_contrast(model: EquilibriumLM, idx: torch.Tensor, targets: torch.Tens
             a = _contrast(z, z_star, weights, r, k)
             if prev_a is not None and torch.isfinite(a).all():
                 inc = float((a - prev_a).norm()) / per_token
+                rel_inc = inc * per_token / max(float(a.norm()), 1e-30)
                 if inc < best_inc:
                     best_a, best_inc, best_t = a, inc, t
+            elif prev_a is not None:
+                rel_inc = math.inf
             prev_a = a
+        # continuation (t2_tol): checked after t2_max steps and after every chunk
+        if t >= steps and (cfg.t2_tol is None or ((t - steps) % cfg.t2_chunk == 0
+                                                  and rel_inc <= cfg.t2_tol)):
+            break
     if best_a is None:
         best_a = _contrast(z, z_star, weights, r, k)
     best_a = best_a / per_token
     stats = {"t2": float(best_t), "a_norm": float(best_a.norm())}
     if cfg.adaptive_t2:
         stats["a_increment"] = best_inc
+    if cfg.t2_tol is not None:
+        stats.update({"settle/nudged/iters": float(t), "settle/nudged/residual": rel_inc,
+                      "settle/nudged/tol": cfg.t2_tol, "settle/nudged/cap": float(cap)})
     return best_a, stats
 
 

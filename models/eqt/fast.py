@@ -14,11 +14,12 @@ What makes it fast, and why each piece keeps the estimator unchanged:
 - Tracking-AEP with N = 2 real phases linearises at z_bar = (z+ + z-)/2, so v- = -v+ and
   corr- = -corr+: one (J - J^T) v on B rows instead of 2B (exact, J is linear in v).
 - Every fixed-length part is captured once as a CUDA graph per batch shape (the T1 free steps,
-  one continuation chunk, the nudged phase + contrast gradient, the stabilisers, the BPTT
-  unroll + its backward) and replayed; the adaptive parts stay on the host but read one device
-  scalar per chunk: the free-phase residual after T1 (and after each continuation chunk), which
-  decides the continuation and the validity gate. Adaptive-T2 snapshot selection runs on the
-  device with ``torch.where`` (no sync).
+  one continuation chunk, the first T2 nudged steps, one nudged continuation chunk, the
+  contrast gradient, the stabilisers, the BPTT unroll + its backward) and replayed; the adaptive
+  parts stay on the host but read one device scalar per chunk: the free-phase residual after T1
+  (and after each continuation chunk), which decides the continuation and the validity gate,
+  and with ``t2_tol`` the nudged phase's relative increment. Adaptive-T2 snapshot selection
+  runs on the device with ``torch.where`` (no sync).
 - BPTT keeps only the T1 + 1 states z_t (1.2 GB at the log's shape instead of 28 GB of
   activations) and backpropagates step by step, recomputing each step's internals: activation
   checkpointing at step granularity, still the exact gradient of the T1-step unroll. Each
@@ -352,7 +353,12 @@ class FastEQ:
         return self.model.ce(z, targets)
 
     # ---- EP task gradient
-    def _ep_graph(self, shape: tuple[int, ...], cfg: NudgeConfig) -> _Graphed:
+    def _ep_graph(self, shape: tuple[int, ...], cfg: NudgeConfig,
+                  ) -> tuple[_Graphed, _Graphed | None, _Graphed]:
+        """(head, chunk, gradient) graphs: the first t2 nudged steps, one continuation chunk
+        (``t2_tol`` only; None otherwise) and the snapshot choice + contrast gradient. The
+        nudged state, the last snapshot and the best one live in static buffers between them;
+        the host reads one scalar (the last relative increment) per chunk."""
         key = ("ep", shape, self.cfg.nudge, cfg.model_dump_json())
         if key in self._cache:
             return self._cache[key]
@@ -366,59 +372,86 @@ class FastEQ:
             raise ValueError("tracking-AEP on the fast path needs the two real phases +-beta")
         b = shape[0]
         beta_b = betas.repeat_interleave(b).view(-1, 1, 1)
+        scalar = torch.zeros((), device=self.device, dtype=self.dtype)
         a_out = self._buf("a", z_star)
-        loss_out = self._buf("loss", torch.zeros((), device=self.device, dtype=self.dtype))
-        t2_out = self._buf("t2", torch.zeros((), device=self.device, dtype=self.dtype))
-        inc_out = self._buf("a_inc", torch.zeros((), device=self.device, dtype=self.dtype))
+        loss_out = self._buf("loss", scalar)
+        t2_out = self._buf("t2", scalar)
+        inc_out = self._buf("a_inc", scalar)
+        rel_out = self._buf("a_rel_inc", scalar)
+        t_off = self._buf("t2_offset", scalar)
         grads_out = self._grad_bufs("task")
-        steps = cfg.t2_max if cfg.adaptive_t2 else cfg.t2
+        steps = cfg.t2_steps
         names, params = zip(*m.named_parameters(), strict=True)
         differential = self.cfg.nudge == "differential" and cfg.aep == "tracking"
+        per_token = float(tgt.numel()) if cfg.nudge_scale == "token" else 1.0
+        # the nudged state (both phases in lockstep, or common/differential mode) and snapshots
+        z_nudge = self._buf("nudge/z", z_star.repeat(k, 1, 1))
+        mode, dif = self._buf("nudge/mode", z_star), self._buf("nudge/dif", z_star)
+        prev_a, best_a = self._buf("nudge/prev_a", z_star), self._buf("nudge/best_a", z_star)
+        best_inc, best_t = self._buf("nudge/best_inc", scalar), self._buf("nudge/best_t", scalar)
 
         def contrast(z: torch.Tensor) -> torch.Tensor:
             d = (z - z_star.repeat(k, 1, 1)).unflatten(0, (k, -1))
             return -(weights.view(-1, 1, 1, 1) * d).sum(0) / (k * r)
 
-        def run() -> None:
-            with torch.no_grad():
-                x_in2 = m.x_in(idx).repeat(k, 1, 1)
-                tgt2 = tgt.repeat(k, 1)
-                star2 = z_star.repeat(k, 1, 1)
-                scale = float(k) * (tgt.numel() if cfg.nudge_scale == "token" else 1)
-                z = star2.clone()
-                best_a = torch.zeros_like(z_star)
-                best_inc = torch.full((), math.inf, device=self.device, dtype=self.dtype)
-                best_t = torch.full((), float(steps), device=self.device, dtype=self.dtype)
-                prev_a = None
+        def advance(n: int, first: bool) -> None:
+            """n nudged steps from the buffers; snapshot bookkeeping on the device."""
+            x_in2 = m.x_in(idx).repeat(k, 1, 1)
+            tgt2 = tgt.repeat(k, 1)
+            star2 = z_star.repeat(k, 1, 1)
+            scale = float(k) * per_token
+            x_in1 = m.x_in(idx)
+            z, mo, di = z_nudge, mode, dif
+            have_prev = not first
+            for j in range(1, n + 1):
                 if differential:
-                    x_in1 = m.x_in(idx)
-                    mode, dif = z_star.clone(), torch.zeros_like(z_star)
-                for t in range(1, steps + 1):
-                    if differential:
-                        mode, dif = self._differential_step(mode, dif, x_in1, tgt2, r, scale)
-                    else:
-                        z = self._nudge_step(z, x_in2, tgt2, star2, beta_b, scale, cfg.aep)
-                    if cfg.adaptive_t2 and t % cfg.snapshot_every == 0:
-                        a = -dif / r if differential else contrast(z)
-                        if prev_a is not None:
-                            inc = (a - prev_a).norm()
-                            better = torch.isfinite(a).all() & (inc < best_inc)
-                            best_a = torch.where(better, a, best_a)
-                            best_t = torch.where(better, torch.full_like(best_t, t), best_t)
-                            best_inc = torch.where(better, inc, best_inc)
-                        prev_a = a
-                last = -dif / r if differential else contrast(z)
+                    mo, di = self._differential_step(mo, di, x_in1, tgt2, r, scale)
+                else:
+                    z = self._nudge_step(z, x_in2, tgt2, star2, beta_b, scale, cfg.aep)
+                if cfg.adaptive_t2 and j % cfg.snapshot_every == 0:
+                    a = -di / r if differential else contrast(z)
+                    if have_prev:
+                        inc = (a - prev_a).norm()
+                        finite = torch.isfinite(a).all()
+                        better = finite & (inc < best_inc)
+                        best_a.copy_(torch.where(better, a, best_a))
+                        best_t.copy_(torch.where(better, t_off + j, best_t))
+                        best_inc.copy_(torch.where(better, inc, best_inc))
+                        rel = inc / a.norm().clamp_min(1e-30)
+                        rel_out.copy_(torch.where(finite, rel, torch.full_like(rel, math.inf)))
+                    prev_a.copy_(a)
+                    have_prev = True
+            z_nudge.copy_(z)
+            mode.copy_(mo)
+            dif.copy_(di)
+
+        def head() -> None:
+            with torch.no_grad():
+                z_nudge.copy_(z_star.repeat(k, 1, 1))
+                mode.copy_(z_star)
+                dif.zero_()
+                best_inc.fill_(math.inf)
+                best_t.fill_(float(steps))
+                rel_out.fill_(math.inf)
+                t_off.zero_()
+                advance(steps, first=True)
+
+        def chunk() -> None:
+            with torch.no_grad():
+                advance(cfg.t2_chunk, first=False)
+
+        def grad() -> None:
+            with torch.no_grad():
+                last = -dif / r if differential else contrast(z_nudge)
                 if cfg.adaptive_t2:
                     found = torch.isfinite(best_inc)
                     a = torch.where(found, best_a, last)
-                    best_t = torch.where(found, best_t, torch.full_like(best_t, steps))
+                    t2_out.copy_(torch.where(found, best_t, t_off + steps))
                 else:
                     a = last
-                if cfg.nudge_scale == "token":
-                    a = a / tgt.numel()
-                a_out.copy_(a)
-                t2_out.copy_(best_t)
-                inc_out.copy_(best_inc)
+                    t2_out.copy_(t_off + steps)
+                a_out.copy_(a / per_token)
+                inc_out.copy_(best_inc / per_token)
             with torch.enable_grad(), self._matmul_precision(self.cfg.tf32), self._amp():
                 x_in = m.x_in(idx)
                 f = self._force(z_star, x_in)
@@ -429,9 +462,34 @@ class FastEQ:
                 loss_out.copy_(ce.detach().to(self.dtype))
                 _copy_grads(grads_out, names, gs)
 
-        graph = _Graphed(run, self.use_graphs, self.pool)
-        self._cache[key] = graph
-        return graph
+        graphs = (_Graphed(head, self.use_graphs, self.pool),
+                  _Graphed(chunk, self.use_graphs, self.pool) if cfg.t2_tol is not None else None,
+                  _Graphed(grad, self.use_graphs, self.pool))
+        self._cache[key] = graphs
+        return graphs
+
+    def _nudged_phase(self, shape: tuple[int, ...], cfg: NudgeConfig) -> dict[str, float]:
+        """Run the nudged phase (with its continuation) and the contrast gradient; stats."""
+        g_head, g_chunk, g_grad = self._ep_graph(shape, cfg)
+        g_head()
+        t, stats = cfg.t2_steps, {}
+        if cfg.t2_tol is not None and g_chunk is not None:
+            t_off = self._out["t2_offset"]
+            rel = float(self._out["a_rel_inc"])
+            while t < cfg.t2_cap and not rel <= cfg.t2_tol:
+                # advance() numbers the chunk's steps from the offset; the fill is a host write
+                # into a static buffer, read by the replay
+                t_off.fill_(float(t))
+                g_chunk()
+                t += cfg.t2_chunk
+                rel = float(self._out["a_rel_inc"])
+            t_off.fill_(float(t - cfg.t2_steps))  # grad(): a fallback "last" snapshot is step t
+            stats = {"settle/nudged/iters": float(t), "settle/nudged/residual": rel,
+                     "settle/nudged/tol": cfg.t2_tol, "settle/nudged/cap": float(cfg.t2_cap)}
+        else:
+            self._out["t2_offset"].zero_()
+        g_grad()
+        return stats
 
     # ---- stabilisers
     def _stab_graph(self, shape: tuple[int, ...], jacreg: bool, resreg: float,
@@ -568,12 +626,13 @@ class FastEQ:
             if gate_shut:
                 zero_task = True
             else:
-                self._ep_graph(shape, rule_cfg.nudge)()
+                nudge_stats = self._nudged_phase(shape, rule_cfg.nudge)
                 loss = float(self._out["loss"])
                 stats.update({"loss": loss, "term/ce": loss, "t2": float(self._out["t2"]),
                               "a_norm": float(self._out["a"].norm())})
                 if rule_cfg.nudge.adaptive_t2:
                     stats["a_increment"] = float(self._out["a_inc"])
+                stats.update(nudge_stats)
             stats["gate_skipped"] = float(gate_shut)
         task = {n: torch.zeros_like(p) if zero_task else self._out[f"task/{n}"]
                 for n, p in self.model.named_parameters()}
