@@ -133,20 +133,33 @@ class Equilibrium(LearningRule):
     def task_cosines(self, model: EquilibriumLM, x: torch.Tensor, y: torch.Tensor,
                      ) -> dict[str, float]:
         """cos(g_rule, g_BPTT) per group and global on one batch: task gradients only (no
-        stabilisers), at the current weights."""
+        stabilisers), at the current weights. Also, when the free phase reaches res_target,
+        the cosines to the implicit gradient at the same z* (``cos_implicit/*``, what EP
+        estimates) and BPTT's own (``cos_bptt_implicit``): the T1-step unroll is that gradient
+        only when it converged, so a low cosine to BPTT at a step whose free phase needed its
+        continuation can be the reference's error rather than the estimator's."""
         if not isinstance(self.cfg, EPRule):
             raise TypeError(f"task cosines need an EP row, not {self.cfg.kind!r}")
         if self.fast is not None:
             # The training step's own estimator against the exact unroll gradient, both on the
             # fast path (the eager BPTT needs ~28 GB at the log's shape).
             plain = StabiliserConfig(controller=False)
-            g, _ = self.fast.gradients(x, y, EPRule(nudge=self.cfg.nudge, stab=plain))
+            g, stats = self.fast.gradients(x, y, EPRule(nudge=self.cfg.nudge, stab=plain))
             g = {n: t.clone() for n, t in g.items()}
             g_ref, _ = self.fast.gradients(x, y, BPTTRule(stab=plain))
-            return eqt_diag.grad_cosines(g, g_ref)
-        g, _ = eqt_ep.ep_gradients(model, x, y, self.cfg.nudge)
-        g_ref, _, _ = eqt_bptt.bptt_gradients(model, x, y)
-        return eqt_diag.grad_cosines(g, g_ref)
+            g_ref = {n: t.clone() for n, t in g_ref.items()}
+            free = self.fast.free_phase(x)
+        else:
+            free = model.free_phase(x)
+            g, stats = eqt_ep.ep_gradients(model, x, y, self.cfg.nudge, free)
+            g_ref, _, _ = eqt_bptt.bptt_gradients(model, x, y)
+        out = {**eqt_diag.grad_cosines(g, g_ref), "cos_t2": stats.get("t2", math.nan)}
+        g_imp, _ = eqt_implicit.reference_gradients(model, x, y, free)
+        if g_imp is not None:
+            imp = eqt_diag.grad_cosines(g, g_imp)
+            out.update({f"cos_implicit/{k[4:]}": v for k, v in imp.items() if k.startswith("cos/")})
+            out["cos_bptt_implicit"] = eqt_diag.cosine(g_ref, g_imp)
+        return out
 
     def log_stats(self, model: nn.Module) -> dict[str, float]:
         """Activation RMS of x_in and of z* on the last training batch at the updated weights
