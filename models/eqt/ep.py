@@ -49,6 +49,11 @@ reports/gpu-short/README.md and tests/test_eqt_fast.py):
   cosine to BPTT fell to 0.89 (attn.v 0.52, norm ratio 0.71). ``t2_tol`` makes the horizon
   adaptive like the free phase's: past t2_max the phases continue in chunks until the relative
   increment is under t2_tol (or t2_cap); the snapshot rule is unchanged, over the longer run.
+  With it the step-500 checkpoint passes in two re-runs, but one checkpoint per run still
+  fails where contraction is slow, and there the T1-step BPTT reference is itself off: at
+  144836f's step 750, cos(BPTT, implicit) = 0.845 while cos(EP, implicit) = 0.992 (attention
+  min 0.852). Training-time checkpoints therefore also log ``cos_implicit/*`` and
+  ``cos_bptt_implicit`` (reports/gpu-short/README.md).
 - Also found: jacreg's theta-gradient through ``torch.func.jvp`` is wrong when LN inputs depend
   on theta (qk-norm); jacreg now uses the closed-form J v (``models.eqt.stabilisers``).
 """
