@@ -165,8 +165,8 @@ def nudged_contrast(model: EquilibriumLM, idx: torch.Tensor, targets: torch.Tens
         if cfg.adaptive_t2 and t % cfg.snapshot_every == 0:
             a = _contrast(z, z_star, weights, r, k)
             if prev_a is not None and torch.isfinite(a).all():
-                inc = float((a - prev_a).norm()) / per_token
-                rel_inc = inc * per_token / max(float(a.norm()), 1e-30)
+                step = float((a - prev_a).norm())
+                inc, rel_inc = step / per_token, step / max(float(a.norm()), 1e-30)
                 if inc < best_inc:
                     best_a, best_inc, best_t = a, inc, t
             elif prev_a is not None:

@@ -378,7 +378,7 @@ class FastEQ:
         t2_out = self._buf("t2", scalar)
         inc_out = self._buf("a_inc", scalar)
         rel_out = self._buf("a_rel_inc", scalar)
-        t_off = self._buf("t2_offset", scalar)
+        t_done = self._buf("nudge/t", scalar)  # nudged steps run so far (device counter)
         grads_out = self._grad_bufs("task")
         steps = cfg.t2_steps
         names, params = zip(*m.named_parameters(), strict=True)
@@ -396,11 +396,12 @@ class FastEQ:
 
         def advance(n: int, first: bool) -> None:
             """n nudged steps from the buffers; snapshot bookkeeping on the device."""
-            x_in2 = m.x_in(idx).repeat(k, 1, 1)
             tgt2 = tgt.repeat(k, 1)
-            star2 = z_star.repeat(k, 1, 1)
             scale = float(k) * per_token
-            x_in1 = m.x_in(idx)
+            if differential:
+                x_in1 = m.x_in(idx)
+            else:
+                x_in2, star2 = m.x_in(idx).repeat(k, 1, 1), z_star.repeat(k, 1, 1)
             z, mo, di = z_nudge, mode, dif
             have_prev = not first
             for j in range(1, n + 1):
@@ -415,7 +416,7 @@ class FastEQ:
                         finite = torch.isfinite(a).all()
                         better = finite & (inc < best_inc)
                         best_a.copy_(torch.where(better, a, best_a))
-                        best_t.copy_(torch.where(better, t_off + j, best_t))
+                        best_t.copy_(torch.where(better, t_done + j, best_t))
                         best_inc.copy_(torch.where(better, inc, best_inc))
                         rel = inc / a.norm().clamp_min(1e-30)
                         rel_out.copy_(torch.where(finite, rel, torch.full_like(rel, math.inf)))
@@ -424,6 +425,7 @@ class FastEQ:
             z_nudge.copy_(z)
             mode.copy_(mo)
             dif.copy_(di)
+            t_done.add_(n)
 
         def head() -> None:
             with torch.no_grad():
@@ -433,7 +435,7 @@ class FastEQ:
                 best_inc.fill_(math.inf)
                 best_t.fill_(float(steps))
                 rel_out.fill_(math.inf)
-                t_off.zero_()
+                t_done.zero_()
                 advance(steps, first=True)
 
         def chunk() -> None:
@@ -446,10 +448,10 @@ class FastEQ:
                 if cfg.adaptive_t2:
                     found = torch.isfinite(best_inc)
                     a = torch.where(found, best_a, last)
-                    t2_out.copy_(torch.where(found, best_t, t_off + steps))
+                    t2_out.copy_(torch.where(found, best_t, t_done))
                 else:
                     a = last
-                    t2_out.copy_(t_off + steps)
+                    t2_out.copy_(t_done)
                 a_out.copy_(a / per_token)
                 inc_out.copy_(best_inc / per_token)
             with torch.enable_grad(), self._matmul_precision(self.cfg.tf32), self._amp():
@@ -472,22 +474,15 @@ class FastEQ:
         """Run the nudged phase (with its continuation) and the contrast gradient; stats."""
         g_head, g_chunk, g_grad = self._ep_graph(shape, cfg)
         g_head()
-        t, stats = cfg.t2_steps, {}
-        if cfg.t2_tol is not None and g_chunk is not None:
-            t_off = self._out["t2_offset"]
-            rel = float(self._out["a_rel_inc"])
+        stats: dict[str, float] = {}
+        if g_chunk is not None:  # t2_tol: continue while the last snapshot still moves
+            t, rel = cfg.t2_steps, float(self._out["a_rel_inc"])
             while t < cfg.t2_cap and not rel <= cfg.t2_tol:
-                # advance() numbers the chunk's steps from the offset; the fill is a host write
-                # into a static buffer, read by the replay
-                t_off.fill_(float(t))
                 g_chunk()
                 t += cfg.t2_chunk
                 rel = float(self._out["a_rel_inc"])
-            t_off.fill_(float(t - cfg.t2_steps))  # grad(): a fallback "last" snapshot is step t
             stats = {"settle/nudged/iters": float(t), "settle/nudged/residual": rel,
                      "settle/nudged/tol": cfg.t2_tol, "settle/nudged/cap": float(cfg.t2_cap)}
-        else:
-            self._out["t2_offset"].zero_()
         g_grad()
         return stats
 
