@@ -4,6 +4,9 @@ trainers, and every finding is read back from the diagnostics.json that ``diagno
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,18 @@ from models.pipeline import RunSpec, mnist1d_file, tokens_dir
 from stages import calibrate, diagnose, train
 
 PARAMS = Path("params.yaml")
+
+
+@contextlib.contextmanager
+def project(path: Path) -> Iterator[Path]:
+    """``path`` as the working directory: the stages read and write paths relative to it
+    (``contextlib.chdir`` from Python 3.11 on)."""
+    old = Path.cwd()
+    os.chdir(path)
+    try:
+        yield path
+    finally:
+        os.chdir(old)
 
 
 def write_corpus(stories: int = 300) -> int:

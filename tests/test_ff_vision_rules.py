@@ -10,7 +10,6 @@ net learned at 1e-3 (0.290 against the head alone's 0.31). Each rule here takes 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,14 +31,9 @@ SEED = 1
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The standard MNIST-1D split (5,000 samples: 4,000 train / 1,000 test) in a fresh cwd."""
-    path = tmp_path_factory.mktemp("vision")
-    old = Path.cwd()
-    os.chdir(path)
-    try:
+    with hr.project(tmp_path_factory.mktemp("vision")) as path:
         hr.write_mnist1d(5000)
         yield path
-    finally:
-        os.chdir(old)
 
 
 def train(row: str) -> tuple[float, float]:

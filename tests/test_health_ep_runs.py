@@ -8,7 +8,6 @@ machine whose params name a device it lacks."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,14 +43,9 @@ def diverging_params(live_guard: bool = False) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def diverged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[str, Any]]]:
-    path = tmp_path_factory.mktemp("ep_diverged")
-    old = Path.cwd()
-    os.chdir(path)
-    try:
+    with hr.project(tmp_path_factory.mktemp("ep_diverged")) as path:
         hr.write_corpus(300)
         yield path, hr.run(diverging_params(), "eqt_lm", "ep")
-    finally:
-        os.chdir(old)
 
 
 def by_detector(diag: dict[str, Any], detector: str) -> list[dict[str, Any]]:

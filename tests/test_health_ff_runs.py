@@ -6,7 +6,6 @@ vision, ladder and LQ studies raise nothing of warning or worse."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,14 +24,9 @@ TRAIN = {"batch_size": 100, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 10, "wei
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """One project directory with MNIST-1D (2,000 samples) for every run of this module."""
-    path = tmp_path_factory.mktemp("ff_runs")
-    old = Path.cwd()
-    os.chdir(path)
-    try:
+    with hr.project(tmp_path_factory.mktemp("ff_runs")) as path:
         hr.write_mnist1d(2000)
         yield path
-    finally:
-        os.chdir(old)
 
 
 def vision(row: str, rule: dict[str, Any], epochs: int) -> dict[str, Any]:
