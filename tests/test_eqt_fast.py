@@ -156,6 +156,20 @@ def test_fast_bptt_is_the_exact_unroll_gradient(attention: str) -> None:
     assert s["residual"] == pytest.approx(s_ref["residual"], rel=1e-8)
 
 
+@pytest.mark.parametrize("segment", [1, 7, 64])
+def test_fast_bptt_reference_is_the_long_unroll_gradient(segment: int) -> None:
+    """The cosine checkpoints' long-unroll reference with segment checkpointing (every
+    ``segment``-th state kept, the rest recomputed) is BPTT through the same number of steps."""
+    from models.eqt.bptt import bptt_gradients
+
+    model, idx, tgt = make(4, qk_norm=True, relax_cfg=RelaxConfig(eps=0.2, t1=10, t1max=10))
+    fast = FastEQ(model, FastConfig(graphs=False, compile=False))
+    g_ref, s_ref, _ = bptt_gradients(model, idx, tgt, steps=45)
+    g, res = fast.bptt_reference(idx, tgt, 45, segment=segment)
+    _close(g, g_ref)
+    assert res == pytest.approx(s_ref["residual"], rel=1e-8)
+
+
 def test_per_token_nudge_keeps_fp32_attention_gradients() -> None:
     """The EP failure at scale, pinned on a tiny block: with beta on the *mean* loss over B*T
     tokens, the nudge moves z by ~beta |dl/dz| ~ 1e-7..1e-6 per element, a few ulps of an fp32
@@ -201,6 +215,23 @@ def test_fast_path_matches_eager_fp32_on_cuda(bf16: bool) -> None:
         groups = {k: v for k, v in cos.items() if k.startswith("cos/")}
         assert min(groups.values()) >= floor, (type(cfg).__name__, cos)
         assert abs(cos["norm_ratio"] - 1) <= 0.02, (type(cfg).__name__, cos)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graphed_bptt_and_long_reference_on_cuda() -> None:
+    """The captured T1 graph and the uncaptured long-unroll reference at T1 steps are the same
+    gradient on the GPU (the reference's segments recompute what the graph stores)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    relax_cfg = RelaxConfig(eps=0.1, t1=150, t1max=300, res_target=1e-4)
+    model, idx, tgt = make(0, dtype=torch.float32, relax_cfg=relax_cfg, b=8, t=64, c=64,
+                           device="cuda")
+    fast = FastEQ(model, FastConfig(tf32=False))
+    for _ in range(2):
+        g, _ = fast.gradients(idx, tgt, BPTTRule())
+    g = {n: x.clone() for n, x in g.items()}
+    g_long, _ = fast.bptt_reference(idx, tgt, 150)
+    assert cosine(g, g_long) >= 0.99999
 
 
 @pytest.mark.cuda

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from models.config.eqt import NudgeConfig
-from models.eqt.bptt import bptt_gradients
+from models.eqt.bptt import bptt_gradients, reference_steps
 from models.eqt.diagnostics import cosine, grad_cosines
-from models.eqt.ep import ep_gradients
+from models.eqt.ep import RHO_MAX, ep_gradients, remaining_change
 from models.eqt.implicit import implicit_gradients
 from models.eqt.model import EqShape, EquilibriumLM
 from models.eqt.relax import RelaxConfig
@@ -159,6 +159,68 @@ def test_t2_continuation_settles_a_truncated_adjoint() -> None:
     capped = short.model_copy(update={"t2_tol": 1e-14, "t2_cap": 28})
     _, s_cap = ep_gradients(model, idx, tgt, capped, free)
     assert s_cap["settle/nudged/iters"] == 28 and s_cap["settle/nudged/residual"] > 1e-14
+
+
+@pytest.mark.parametrize("rho", [0.5, 0.9, 0.97])
+def test_remaining_change_is_the_geometric_tail(rho: float) -> None:
+    """For increments shrinking by rho per snapshot the estimate is the exact distance to the
+    limit; the last increment alone understates it by (1 - rho) / rho (the truncation at slow
+    contraction). Past RHO_MAX the factor is capped, and without a measured rate it is unknown."""
+    a_inf = torch.tensor([3.0, -1.0, 2.0], dtype=torch.float64)
+    e = torch.tensor([0.4, 0.2, -0.1], dtype=torch.float64)
+    a = [a_inf + e * rho**t for t in range(6)]
+    step = float((a[5] - a[4]).norm())
+    measured = float((a[5] - a[4]).norm() / (a[4] - a[3]).norm())
+    assert measured == pytest.approx(rho)
+    rel = step / float(a[5].norm())
+    truth = float((a[5] - a_inf).norm() / a[5].norm())
+    assert remaining_change(rel, measured) == pytest.approx(truth, rel=1e-5)
+    assert rel < truth
+    assert remaining_change(rel, 1.5) == pytest.approx(rel * RHO_MAX / (1 - RHO_MAX))
+    assert remaining_change(rel, -1.0) == float("inf")
+
+
+def test_converged_reference_unroll_is_the_implicit_gradient() -> None:
+    """The cosine checkpoints' reference: BPTT through the free phase's steps plus the implicit
+    adjoint's iterations equals the implicit gradient, where the T1-step unroll does not."""
+    model, idx, tgt = make(0, relax_cfg=RelaxConfig(eps=0.2, t1=12, t1max=3000,
+                                                    res_target=1e-12))
+    free = model.free_phase(idx)
+    g_imp, stats = implicit_gradients(model, idx, tgt, free=free)
+    assert free.steps > 12
+    steps = reference_steps(free.steps, stats["adjoint_iters"], cap=10_000)
+    assert steps == free.steps + stats["adjoint_iters"]
+    g_long, _, _ = bptt_gradients(model, idx, tgt, steps)
+    g_t1, _, _ = bptt_gradients(model, idx, tgt)
+    assert cosine(g_long, g_imp) > 1 - 1e-9 and attn(g_long, g_imp) > 1 - 1e-9
+    assert cosine(g_t1, g_imp) < 0.999
+    assert reference_steps(free.steps, stats["adjoint_iters"], cap=50) == 50
+
+
+def test_t2_tolerance_sees_a_slowly_settling_contrast() -> None:
+    """At slow contraction the last increment is small while much of a is still to come; the
+    tail estimate keeps the phase running (the GPU protocol's step-750 checkpoint, attn.q cos
+    0.85 to the implicit gradient after stopping on a 0.33% increment)."""
+    slow = RelaxConfig(eps=0.02, t1=100, t1max=20_000, res_target=1e-12)
+    model, idx, tgt = make(0, relax_cfg=slow)
+    free = model.free_phase(idx)
+    g_imp, _ = implicit_gradients(model, idx, tgt, free=free)
+    cfg = NudgeConfig(beta=1e-3, aep="tracking", adaptive_t2=True, t2_max=40, snapshot_every=4,
+                      t2_tol=1e-3, t2_cap=2000)
+    g, stats = ep_gradients(model, idx, tgt, cfg, free)
+    assert stats["settle/nudged/residual"] <= 1e-3 and stats["settle/nudged/iters"] < 2000
+    assert cosine(g, g_imp) > 1 - 1e-5 and attn(g, g_imp) > 1 - 1e-5
+    # stopping at the first snapshot whose last increment is under the same tolerance (the
+    # rule before the tail estimate) leaves a visibly truncated contrast
+    t_stop = 40
+    while True:
+        g_short, s_short = ep_gradients(model, idx, tgt, cfg.model_copy(
+            update={"t2_tol": None, "t2_max": t_stop}), free)
+        if s_short["a_increment"] / s_short["a_norm"] <= 1e-3:
+            break
+        t_stop += 20
+    assert t_stop < stats["settle/nudged/iters"]
+    assert 1 - cosine(g_short, g_imp) > 10 * (1 - cosine(g, g_imp))
 
 
 def test_complex_force_extends_the_real_force() -> None:

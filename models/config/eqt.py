@@ -92,14 +92,14 @@ class NudgeConfig(Strict):
     beta = r, the recipe's ``--holo 2 --hr 0.02``); AEP correction none | fixed | tracking.
     ``adaptive_t2`` runs to ``t2_max`` and keeps the snapshot (taken every ``snapshot_every``
     steps) with the smallest increment of a (``--t2sel``). ``t2_tol`` (off by default) makes that
-    horizon adaptive: a nudged phase whose last relative increment |a_t - a_{t-s}| / |a_t| is
-    still above ``t2_tol`` after ``t2_max`` steps continues in chunks of five snapshots until it
-    is below or ``t2_cap`` steps ran (the free phase's continue-until-res_target, applied to the
-    adjoint: when the controller lags, contraction slows and a fixed t2_max truncates it; see
-    ``models.eqt.ep``). ``nudge_scale``: ``token`` (default)
-    nudges every token's own loss with beta (the summed loss), ``mean`` the batch-mean loss,
-    whose per-element nudge ~beta/(B T) falls below fp32 resolution of z at the log's shape
-    (``models.eqt.ep``)."""
+    horizon adaptive: a nudged phase whose estimated remaining change of a (the geometric tail
+    of its snapshot increments, ``models.eqt.ep.remaining_change``, relative to |a|) is still
+    above ``t2_tol`` after ``t2_max`` steps continues in chunks of five snapshots until it is
+    below or ``t2_cap`` steps ran (the free phase's continue-until-res_target, applied to the
+    adjoint: when the controller lags, contraction slows and a fixed t2_max truncates it).
+    ``nudge_scale``: ``token`` (default) nudges every token's own loss with beta (the summed
+    loss), ``mean`` the batch-mean loss, whose per-element nudge ~beta/(B T) falls below fp32
+    resolution of z at the log's shape (``models.eqt.ep``)."""
 
     beta: Annotated[float, Field(gt=0)] = 0.02
     t2: Annotated[int, Field(ge=1)] = 20

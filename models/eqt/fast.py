@@ -18,11 +18,13 @@ What makes it fast, and why each piece keeps the estimator unchanged:
   contrast gradient, the stabilisers, the BPTT unroll + its backward) and replayed; the adaptive
   parts stay on the host but read one device scalar per chunk: the free-phase residual after T1
   (and after each continuation chunk), which decides the continuation and the validity gate,
-  and with ``t2_tol`` the nudged phase's relative increment. Adaptive-T2 snapshot selection
-  runs on the device with ``torch.where`` (no sync).
-- BPTT keeps only the T1 + 1 states z_t (1.2 GB at the log's shape instead of 28 GB of
+  and with ``t2_tol`` the nudged phase's estimated remaining change (``ep.remaining_change``).
+  Adaptive-T2 snapshot selection runs on the device with ``torch.where`` (no sync).
+- BPTT keeps only the T1 states z_t (1.2 GB at the log's shape instead of 28 GB of
   activations) and backpropagates step by step, recomputing each step's internals: activation
-  checkpointing at step granularity, still the exact gradient of the T1-step unroll. Each
+  checkpointing at step granularity, still the exact gradient of the T1-step unroll. The
+  long-unroll reference of the cosine checkpoints (``bptt_reference``) keeps every 64th state
+  and recomputes the segments in between. Each
   backward step is either autograd through the recomputed interaction (``bptt_attention`` =
   ``sdpa`` / ``materialized``) or ``ThickOps.backward`` (``closed``): J^T lambda and the
   parameter cotangents in closed form, compiled into one fused step.
@@ -48,7 +50,7 @@ import torch
 from torch import nn
 
 from models.config.eqt import BPTTRule, EPRule, FastConfig, NudgeConfig
-from models.eqt.ep import nudge_points
+from models.eqt.ep import RHO_MAX, nudge_points
 from models.eqt.relax import RelaxResult
 from models.eqt.stabilisers import JacregController
 from models.eqt.thick_ops import ThickOps
@@ -358,7 +360,7 @@ class FastEQ:
         """(head, chunk, gradient) graphs: the first t2 nudged steps, one continuation chunk
         (``t2_tol`` only; None otherwise) and the snapshot choice + contrast gradient. The
         nudged state, the last snapshot and the best one live in static buffers between them;
-        the host reads one scalar (the last relative increment) per chunk."""
+        the host reads one scalar (the estimated remaining change of a) per chunk."""
         key = ("ep", shape, self.cfg.nudge, cfg.model_dump_json())
         if key in self._cache:
             return self._cache[key]
@@ -389,6 +391,8 @@ class FastEQ:
         mode, dif = self._buf("nudge/mode", z_star), self._buf("nudge/dif", z_star)
         prev_a, best_a = self._buf("nudge/prev_a", z_star), self._buf("nudge/best_a", z_star)
         best_inc, best_t = self._buf("nudge/best_inc", scalar), self._buf("nudge/best_t", scalar)
+        # the last snapshot increment and the running contraction estimate (ep.remaining_change)
+        prev_step, rho = self._buf("nudge/prev_step", scalar), self._buf("nudge/rho", scalar)
 
         def contrast(z: torch.Tensor) -> torch.Tensor:
             d = (z - z_star.repeat(k, 1, 1)).unflatten(0, (k, -1))
@@ -418,8 +422,16 @@ class FastEQ:
                         best_a.copy_(torch.where(better, a, best_a))
                         best_t.copy_(torch.where(better, t_done + j, best_t))
                         best_inc.copy_(torch.where(better, inc, best_inc))
-                        rel = inc / a.norm().clamp_min(1e-30)
-                        rel_out.copy_(torch.where(finite, rel, torch.full_like(rel, math.inf)))
+                        # ep.remaining_change on the device (rho < 0: not measured yet)
+                        known = finite & torch.isfinite(prev_step) & (prev_step > 0)
+                        ratio = inc / torch.where(known, prev_step, torch.ones_like(inc))
+                        rho.copy_(torch.where(known, torch.where(rho < 0, ratio,
+                                                                 0.5 * (rho + ratio)), rho))
+                        prev_step.copy_(torch.where(finite, inc, prev_step))
+                        r_ = rho.clamp(max=RHO_MAX)
+                        tail = inc / a.norm().clamp_min(1e-30) * r_ / (1 - r_)
+                        inf = torch.full_like(tail, math.inf)
+                        rel_out.copy_(torch.where(finite & (rho >= 0), tail, inf))
                     prev_a.copy_(a)
                     have_prev = True
             z_nudge.copy_(z)
@@ -435,6 +447,8 @@ class FastEQ:
                 best_inc.fill_(math.inf)
                 best_t.fill_(float(steps))
                 rel_out.fill_(math.inf)
+                prev_step.fill_(math.inf)
+                rho.fill_(-1.0)
                 t_done.zero_()
                 advance(steps, first=True)
 
@@ -526,7 +540,74 @@ class FastEQ:
         return graph
 
     # ---- BPTT
+    def _bptt_back_step(self, state: torch.Tensor, lam: torch.Tensor, acc: list[torch.Tensor],
+                        gx: torch.Tensor, block_names: list[str],
+                        block_params: list[torch.Tensor]) -> torch.Tensor:
+        """One reverse step of the unroll at ``state``: accumulate eps * dh/dtheta^T lam into
+        ``acc`` and eps * lam into ``gx`` (the clamp's x_in term), return the earlier lam."""
+        eps, c = self.model.relax_cfg.eps, self.model.block.damping
+        if self.cfg.bptt_attention == "closed":
+            with torch.no_grad():
+                gz, pg = self._backward(state, lam)
+            out = (gz, *(pg[n[len("block."):]] for n in block_names))
+        else:
+            zi = state.detach().requires_grad_(True)
+            h = (self._interaction_mat(zi) if self.cfg.bptt_attention == "materialized"
+                 else self._interaction(zi))
+            out = torch.autograd.grad(h, [zi, *block_params], lam.to(h.dtype))
+        for a_, g in zip(acc, out[1:], strict=True):
+            a_.add_(g, alpha=eps)
+        gx.add_(lam, alpha=eps)
+        return lam + eps * (out[0].to(self.dtype) - (1 + c) * lam)
+
+    def _bptt_run(self, idx: torch.Tensor, tgt: torch.Tensor, steps: int, segment: int,
+                  states: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The exact gradient of the loss after a ``steps``-step unroll from x_in.
+
+        Activation checkpointing: the states at every ``segment``-th step are kept (all of
+        them, into ``states``, for the captured T1 graph: segment 1), each segment's states are
+        recomputed from its first one during the backward pass, and every reverse step
+        recomputes its own internals. Returns z_T, res(z_T), the loss and the gradients."""
+        m = self.model
+        block_names = [n for n, _ in m.named_parameters() if n.startswith("block.")]
+        block_params = [p for n, p in m.named_parameters() if n.startswith("block.")]
+        with torch.no_grad(), self._matmul_precision(self.cfg.tf32):
+            x_in = m.x_in(idx)
+            marks: list[torch.Tensor] = []
+            cur = x_in
+            for i in range(steps):
+                if i % segment == 0:
+                    if states is not None:
+                        states[i // segment].copy_(cur)
+                        marks.append(states[i // segment])
+                    else:
+                        marks.append(cur.clone())
+                cur = self._relax_step(cur, x_in, None, i)
+            _, res = self._free_step(cur, x_in)
+        with torch.enable_grad(), self._matmul_precision(self.cfg.tf32), self._amp():
+            zt = cur.detach().requires_grad_(True)
+            ce = m.ce(zt, tgt)
+            lam, g_head = torch.autograd.grad(ce, (zt, m.head.weight))
+            lam = lam.to(self.dtype)
+            acc = [torch.zeros_like(p) for p in block_params]
+            gx = torch.zeros_like(lam)
+            for s in range(len(marks) - 1, -1, -1):
+                first = s * segment
+                seg = [marks[s]]
+                with torch.no_grad():
+                    for i in range(first, min(first + segment, steps) - 1):
+                        seg.append(self._relax_step(seg[-1], x_in, None, i))
+                for state in reversed(seg):
+                    lam = self._bptt_back_step(state, lam, acc, gx, block_names, block_params)
+            gx.add_(lam)
+            x_in = m.x_in(idx)
+            g_tok, g_pos = torch.autograd.grad(x_in, (m.tok.weight, m.pos.weight), gx)
+        grads = {"head.weight": g_head, "tok.weight": g_tok, "pos.weight": g_pos,
+                 **dict(zip(block_names, acc, strict=True))}
+        return {"z": cur, "res": res, "loss": ce.detach().to(self.dtype), "grads": grads}
+
     def _bptt_graph(self, shape: tuple[int, ...]) -> _Graphed:
+        """BPTT through exactly T1 steps (the BPTT row's gradient), captured once per shape."""
         key = ("bptt", shape)
         if key in self._cache:
             return self._cache[key]
@@ -534,64 +615,34 @@ class FastEQ:
         idx, tgt = self._out["idx"], self._out["tgt"]
         b, t = shape
         proto = torch.zeros(b, t, m.shape.n_embd, device=self.device, dtype=self.dtype)
-        states = self._buf("bptt_states", proto.expand(rc.t1 + 1, b, t, -1).contiguous())
+        states = self._buf("bptt_states", proto.expand(rc.t1, b, t, -1).contiguous())
         z_out = self._buf("z", proto)
         res_out = self._buf("res", torch.zeros((), device=self.device, dtype=self.dtype))
         self._buf("z_t1", proto)
         loss_out = self._buf("loss", torch.zeros((), device=self.device, dtype=self.dtype))
         grads_out = self._grad_bufs("task")
-        block_names = [n for n, _ in m.named_parameters() if n.startswith("block.")]
-        block_params = [p for n, p in m.named_parameters() if n.startswith("block.")]
-        eps, c = rc.eps, m.block.damping
 
         def run() -> None:
-            with torch.no_grad(), self._matmul_precision(self.cfg.tf32):
-                x_in = m.x_in(idx)
-                states[0].copy_(x_in)
-                cur = x_in
-                for i in range(rc.t1):
-                    cur = self._relax_step(cur, x_in, None, i)
-                    states[i + 1].copy_(cur)
-                _, r = self._free_step(cur, x_in)
-                res_out.copy_(r)
-                z_out.copy_(cur)
-                self._out["z_t1"].copy_(cur)
-            with torch.enable_grad(), self._matmul_precision(self.cfg.tf32), self._amp():
-                zt = states[rc.t1].detach().requires_grad_(True)
-                ce = m.ce(zt, tgt)
-                lam, g_head = torch.autograd.grad(ce, (zt, m.head.weight))
-                lam = lam.to(self.dtype)
-                acc = [torch.zeros_like(p) for p in block_params]
-                gx = torch.zeros_like(lam)
-                for i in range(rc.t1 - 1, -1, -1):
-                    if self.cfg.bptt_attention == "closed":
-                        with torch.no_grad():
-                            gz, pg = self._backward(states[i], lam)
-                        out = (gz, *(pg[n[len("block."):]] for n in block_names))
-                    else:
-                        zi = states[i].detach().requires_grad_(True)
-                        h = (self._interaction_mat(zi)
-                             if self.cfg.bptt_attention == "materialized"
-                             else self._interaction(zi))
-                        out = torch.autograd.grad(h, [zi, *block_params], lam.to(h.dtype))
-                    for a_, g in zip(acc, out[1:], strict=True):
-                        a_.add_(g, alpha=eps)
-                    gx.add_(lam, alpha=eps)
-                    lam = lam + eps * (out[0].to(self.dtype) - (1 + c) * lam)
-                gx.add_(lam)
-                x_in = m.x_in(idx)
-                g_tok, g_pos = torch.autograd.grad(x_in, (m.tok.weight, m.pos.weight), gx)
+            out = self._bptt_run(idx, tgt, rc.t1, 1, states)
             with torch.no_grad():
-                loss_out.copy_(ce.detach().to(self.dtype))
-                grads_out["head.weight"].copy_(g_head)
-                grads_out["tok.weight"].copy_(g_tok)
-                grads_out["pos.weight"].copy_(g_pos)
-                for n, a_ in zip(block_names, acc, strict=True):
-                    grads_out[n].copy_(a_)
+                z_out.copy_(out["z"])
+                self._out["z_t1"].copy_(out["z"])
+                res_out.copy_(out["res"])
+                loss_out.copy_(out["loss"])
+                for n, g in out["grads"].items():
+                    grads_out[n].copy_(g)
 
         graph = _Graphed(run, self.use_graphs, self.pool)
         self._cache[key] = graph
         return graph
+
+    def bptt_reference(self, idx: torch.Tensor, targets: torch.Tensor, steps: int,
+                       segment: int = 64) -> tuple[dict[str, torch.Tensor], float]:
+        """BPTT through a ``steps``-step unroll (any length: a diagnostic reference, not
+        captured), memory ~(steps / segment + segment) states; returns (gradients, res)."""
+        out = self._bptt_run(idx, targets, steps, segment)
+        return ({n: out["grads"][n] for n, _ in self.model.named_parameters()},
+                float(out["res"]))
 
     # ---- the dispatcher
     def gradients(self, idx: torch.Tensor, targets: torch.Tensor, rule_cfg: BPTTRule | EPRule,

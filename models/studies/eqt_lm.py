@@ -38,6 +38,7 @@ from models.eqt import implicit as eqt_implicit
 from models.eqt.calibration import calibrate as calibrate_relax
 from models.eqt.fast import FastEQ
 from models.eqt.model import EqShape, EquilibriumLM, gradients
+from models.eqt.relax import RelaxResult
 from models.eqt.stabilisers import JacregController
 from models.nets.transformer import TransformerLM, TransformerShape
 from models.pipeline import RunSpec, tokens_dir
@@ -132,34 +133,77 @@ class Equilibrium(LearningRule):
 
     def task_cosines(self, model: EquilibriumLM, x: torch.Tensor, y: torch.Tensor,
                      ) -> dict[str, float]:
-        """cos(g_rule, g_BPTT) per group and global on one batch: task gradients only (no
-        stabilisers), at the current weights. Also, when the free phase reaches res_target,
-        the cosines to the implicit gradient at the same z* (``cos_implicit/*``, what EP
-        estimates) and BPTT's own (``cos_bptt_implicit``): the T1-step unroll is that gradient
-        only when it converged, so a low cosine to BPTT at a step whose free phase needed its
-        continuation can be the reference's error rather than the estimator's."""
+        """cos(g_rule, g_BPTT) per group and global on one batch: the rule's task gradient (no
+        stabilisers) at the current weights, against ``reference_cosines``' references."""
         if not isinstance(self.cfg, EPRule):
             raise TypeError(f"task cosines need an EP row, not {self.cfg.kind!r}")
-        if self.fast is not None:
-            # The training step's own estimator against the exact unroll gradient, both on the
-            # fast path (the eager BPTT needs ~28 GB at the log's shape).
-            plain = StabiliserConfig(controller=False)
+        plain = StabiliserConfig(controller=False)
+        if self._fast_for(model) is not None:
+            assert self.fast is not None
             g, stats = self.fast.gradients(x, y, EPRule(nudge=self.cfg.nudge, stab=plain))
             g = {n: t.clone() for n, t in g.items()}
-            g_ref, _ = self.fast.gradients(x, y, BPTTRule(stab=plain))
-            g_ref = {n: t.clone() for n, t in g_ref.items()}
-            free = self.fast.free_phase(x)
+            free = None
         else:
             free = model.free_phase(x)
             g, stats = eqt_ep.ep_gradients(model, x, y, self.cfg.nudge, free)
-            g_ref, _, _ = eqt_bptt.bptt_gradients(model, x, y)
-        out = {**eqt_diag.grad_cosines(g, g_ref), "cos_t2": stats.get("t2", math.nan)}
-        g_imp, _ = eqt_implicit.reference_gradients(model, x, y, free)
-        if g_imp is not None:
-            imp = eqt_diag.grad_cosines(g, g_imp)
-            out.update({f"cos_implicit/{k[4:]}": v for k, v in imp.items() if k.startswith("cos/")})
-            out["cos_bptt_implicit"] = eqt_diag.cosine(g_ref, g_imp)
+        return {**self.reference_cosines(model, x, y, g, free), "cos_t2": stats.get("t2", math.nan)}
+
+    def _fast_for(self, model: EquilibriumLM) -> FastEQ | None:
+        return self.fast if self.fast is not None and self.fast.model is model else None
+
+    def reference_cosines(self, model: EquilibriumLM, x: torch.Tensor, y: torch.Tensor,
+                          g: dict[str, torch.Tensor], free: RelaxResult | None = None,
+                          refs: dict[str, Any] | None = None) -> dict[str, float]:
+        """Cosines of ``g`` to the exact gradients at the same weights and batch.
+
+        ``cos/*``: to BPTT through an unroll converged in both passes (``eqt_bptt.
+        reference_steps``: the free phase's steps plus the implicit adjoint's iterations,
+        logged as ``cos_ref_steps``), the gradient of the equilibrium model that EP estimates.
+        ``cos_t1/*``: to BPTT through exactly T1 steps, the BPTT row's own gradient; it
+        truncates the backward pass when contraction is slow even where the forward residual is
+        below res_target (reports/gpu-short: 0.845 to the implicit gradient at one checkpoint).
+        ``cos_implicit/*``: to the implicit gradient at the same z*; ``cos_bptt_implicit`` and
+        ``cos_bptt_t1_implicit``: each reference's own cosine to it. Without a converged free
+        phase (no implicit gradient) the reference is the T1-step BPTT and ``cos/*`` says so
+        through ``cos_ref_steps`` = T1.
+        """
+        refs = refs if refs is not None else self.references(model, x, y, free)
+        out = {"cos_ref_steps": refs["steps"]}
+        for prefix, key in (("cos_t1", "t1"), ("cos_implicit", "implicit")):
+            if refs[key] is not None:
+                c = eqt_diag.grad_cosines(g, refs[key])
+                out.update({f"{prefix}/{k[4:]}": v for k, v in c.items() if k.startswith("cos/")})
+                out[f"norm_ratio_{key}"] = c["norm_ratio"]
+        if refs["implicit"] is not None:
+            out["cos_bptt_implicit"] = eqt_diag.cosine(refs["bptt"], refs["implicit"])
+            out["cos_bptt_t1_implicit"] = eqt_diag.cosine(refs["t1"], refs["implicit"])
+        out.update(eqt_diag.grad_cosines(g, refs["bptt"]))
         return out
+
+    def references(self, model: EquilibriumLM, x: torch.Tensor, y: torch.Tensor,
+                   free: RelaxResult | None = None) -> dict[str, Any]:
+        """The exact gradients of ``reference_cosines`` on one batch: ``t1`` (BPTT, T1 steps),
+        ``implicit`` (None without a converged free phase or adjoint), ``bptt`` (the converged
+        unroll of ``steps`` steps, or the T1 one when there is no implicit gradient)."""
+        fast = self._fast_for(model)
+        plain = StabiliserConfig(controller=False)
+        if fast is not None:  # the eager BPTT needs ~28 GB at the log's shape
+            g_t1, _ = fast.gradients(x, y, BPTTRule(stab=plain))
+            g_t1 = {n: t.clone() for n, t in g_t1.items()}
+            if free is None:
+                free = fast.free_phase(x)
+                free.z = free.z.clone()
+        else:
+            g_t1, _, _ = eqt_bptt.bptt_gradients(model, x, y)
+            free = free if free is not None else model.free_phase(x)
+        g_ref, steps = g_t1, model.relax_cfg.t1
+        g_imp, imp_stats = eqt_implicit.reference_gradients(model, x, y, free)
+        if g_imp is not None:
+            steps = eqt_bptt.reference_steps(free.steps, float(imp_stats["adjoint_iters"]),
+                                             cap=free.steps + 10 * model.relax_cfg.t1max)
+            g_ref = (fast.bptt_reference(x, y, steps)[0] if fast is not None
+                     else eqt_bptt.bptt_gradients(model, x, y, steps)[0])
+        return {"t1": g_t1, "implicit": g_imp, "bptt": g_ref, "steps": float(steps)}
 
     def log_stats(self, model: nn.Module) -> dict[str, float]:
         """Activation RMS of x_in and of z* on the last training batch at the updated weights
@@ -340,28 +384,26 @@ def _diagnose_eq(trainer: Trainer, device: torch.device, result: dict[str, Any],
     stream = Windows(val_tokens(), model.shape.block_size, trainer.cfg.batch_size,
                      EVAL_SEED + 2, device)
     batches = [stream.next() for _ in range(n_batches)]
-    cos_rows, imp_rows, g_rule, g_refs = [], [], [], []
+    cos_rows, g_rule, g_refs = [], [], []
     for x, y in batches:
         relaxed = model.free_phase(x)
-        g_ref, _, _ = eqt_bptt.bptt_gradients(model, x, y)
+        refs = rule.references(model, x, y, relaxed)
         t2 = 0.0
         if isinstance(rule.cfg, EPRule):
             g, ep_stats = eqt_ep.ep_gradients(model, x, y, rule.cfg.nudge, relaxed)
             t2 = ep_stats["t2"]
-        else:
-            g = g_ref
-        cos_rows.append({**eqt_diag.grad_cosines(g, g_ref), "t2": t2,
+        else:  # the BPTT row's own gradient: the T1-step unroll
+            g = refs["t1"]
+        # against the converged unroll (cos/*), the T1 one (cos_t1/*) and the implicit gradient
+        cos_rows.append({**rule.reference_cosines(model, x, y, g, relaxed, refs), "t2": t2,
                          "free_steps": float(relaxed.steps), "residual_t1": relaxed.residual_t1})
-        # the implicit gradient at the same z*: what EP estimates; BPTT equals it only when the
-        # T1-step unroll has converged (late in training the free phase may need more steps)
-        g_imp, _ = eqt_implicit.reference_gradients(model, x, y, relaxed)
-        if g_imp is not None:
-            imp_rows.append({**eqt_diag.grad_cosines(g, g_imp),
-                             "bptt": eqt_diag.cosine(g_ref, g_imp)})
         g_rule.append(g)
-        g_refs.append(g_ref)
-    cos = {k: float(np.mean([r[k] for r in cos_rows])) for k in cos_rows[0]}
-    imp = {k: float(np.mean([r[k] for r in imp_rows])) for k in imp_rows[0]} if imp_rows else {}
+        g_refs.append(refs["bptt"])
+    cos = {k: float(np.mean([r[k] for r in cos_rows])) for k in cos_rows[0]
+           if not k.startswith(("cos_implicit", "cos_bptt_", "norm_ratio_implicit"))}
+    imp_rows = [r for r in cos_rows if "cos_implicit/global" in r]
+    imp = {k: float(np.mean([r[k] for r in imp_rows])) for k in imp_rows[0]
+           if k.startswith(("cos_implicit", "cos_bptt_", "norm_ratio_implicit"))} if imp_rows else {}
     coherence = [eqt_diag.self_coherence(a, b) for a, b in zip(g_rule, g_rule[1:], strict=False)]
     result["extras"].update({"self_coherence_groups": _group_coherence(g_rule),
                              "self_coherence_groups_ref": _group_coherence(g_refs)})
@@ -373,15 +415,16 @@ def _diagnose_eq(trainer: Trainer, device: torch.device, result: dict[str, Any],
         "cos_bptt": cos["cos/global"], "norm_ratio": cos["norm_ratio"],
         "self_coherence": float(np.mean(coherence)), "residual": free.residual,
         "settle_iters": float(free.steps), "abscissa": finger["abscissa"],
-        **{k: v for k, v in cos.items() if k.startswith("cos/")},
-        "implicit_batches": float(len(imp_rows)),
-        **({"cos_implicit": imp["cos/global"], "norm_ratio_implicit": imp["norm_ratio"],
-            "cos_bptt_implicit": imp["bptt"],
-            **{"cos_implicit/" + k[4:]: v for k, v in imp.items()
-               if k.startswith("cos/") and k != "cos/global"}} if imp else {})})
+        **{k: v for k, v in cos.items() if k.startswith(("cos/", "cos_t1/"))},
+        "cos_ref_steps": cos["cos_ref_steps"], "implicit_batches": float(len(imp_rows)),
+        **({"cos_implicit": imp["cos_implicit/global"],
+            "norm_ratio_implicit": imp["norm_ratio_implicit"],
+            **{k: v for k, v in imp.items() if k.startswith("cos_bptt_")},
+            **{k: v for k, v in imp.items()
+               if k.startswith("cos_implicit/") and k != "cos_implicit/global"}} if imp else {})})
     result["fingerprint"] = finger
     result["extras"].update({"self_coherence": coherence, "residual_curve": free.trace,
-                             "cos_per_batch": cos_rows, "cos_implicit_per_batch": imp_rows,
+                             "cos_per_batch": cos_rows,
                              "lambda": None if rule.controller is None
                              else rule.controller.lam})
 
