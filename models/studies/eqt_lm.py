@@ -158,7 +158,9 @@ class Equilibrium(LearningRule):
 
         ``cos/*``: to BPTT through an unroll converged in both passes (``eqt_bptt.
         reference_steps``: the free phase's steps plus the implicit adjoint's iterations,
-        logged as ``cos_ref_steps``), the gradient of the equilibrium model that EP estimates.
+        logged as ``cos_ref_steps``; 0 = the implicit gradient, the unroll's limit, where that
+        unroll would exceed 10 t1max steps), the gradient of the equilibrium model that EP
+        estimates.
         ``cos_t1/*``: to BPTT through exactly T1 steps, the BPTT row's own gradient; it
         truncates the backward pass when contraction is slow even where the forward residual is
         below res_target (reports/gpu-short: 0.845 to the implicit gradient at one checkpoint).
@@ -198,11 +200,13 @@ class Equilibrium(LearningRule):
             free = free if free is not None else model.free_phase(x)
         g_ref, steps = g_t1, model.relax_cfg.t1
         g_imp, imp_stats = eqt_implicit.reference_gradients(model, x, y, free)
-        if g_imp is not None:
+        if g_imp is not None and "adjoint_iters" in imp_stats:
             steps = eqt_bptt.reference_steps(free.steps, float(imp_stats["adjoint_iters"]),
                                              cap=free.steps + 10 * model.relax_cfg.t1max)
             g_ref = (fast.bptt_reference(x, y, steps)[0] if fast is not None
                      else eqt_bptt.bptt_gradients(model, x, y, steps)[0])
+        elif g_imp is not None:  # slower than 10 t1max damped steps: the unroll's limit itself
+            g_ref, steps = g_imp, 0
         return {"t1": g_t1, "implicit": g_imp, "bptt": g_ref, "steps": float(steps)}
 
     def log_stats(self, model: nn.Module) -> dict[str, float]:
