@@ -113,7 +113,7 @@ def test_fast_t2_continuation_matches_eager(nudge: str) -> None:
         assert s[key] == s_ref[key], key
     if nudge == "lockstep":
         _close(g, g_ref)
-        for key in ("a_increment", "settle/nudged/residual", "a_norm"):
+        for key in ("a_increment", "settle/nudged/residual", "a_norm", "a_tail_head"):
             assert s[key] == pytest.approx(s_ref[key], rel=1e-7), key
     else:
         assert cosine(g, g_ref) > 1 - 1e-6

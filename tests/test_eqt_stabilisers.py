@@ -57,6 +57,50 @@ def test_controller_rule_is_the_logged_power_law() -> None:
     assert ctl.update(8e-3) == pytest.approx(8**0.3)
 
 
+def test_adjoint_target_raises_lambda_while_the_forward_residual_is_below_target() -> None:
+    """The failure it answers: a forward residual under target (lambda would sit at its floor)
+    while the nudged phase's tail after t2_max is far above the adjoint target."""
+    ctl = JacregController(lam=0.1, floor=0.1, lam_max=16.0, target=1e-4, ema=0.0,
+                           adjoint_target=1e-2)
+    assert ctl.update(5e-5, 8e-2) == pytest.approx(0.1 * 8**0.3)  # the larger ratio drives it
+    assert ctl.update(5e-5, None) == pytest.approx(0.1 * 8**0.6)  # gate shut: last tail EMA
+    for _ in range(100):  # both settled: back to the floor
+        ctl.update(1e-6, 1e-4)
+    assert ctl.lam == pytest.approx(0.1)
+    ctl.update(1e-6, math.inf)  # unmeasured tail: 100x the target, not a pinned EMA
+    assert ctl.adj_ema == pytest.approx(1.0) and ctl.lam == pytest.approx(0.1 * 100**0.3)
+    plain = JacregController(lam=0.1, floor=0.1, target=1e-4, ema=0.0)
+    assert plain.update(5e-5, 8e-2) == pytest.approx(0.1)  # off: the tail is ignored
+    other = JacregController(lam=0.1, floor=0.1, target=1e-4, ema=0.0, adjoint_target=1e-2)
+    other.load_state_dict(ctl.state_dict())
+    assert other.state_dict() == ctl.state_dict()
+    other.load_state_dict({"lam": 0.3, "res_ema": 1e-5})  # a checkpoint from before the knob
+    assert other.adj_ema is None
+
+
+def test_adjoint_target_is_validated_against_the_row() -> None:
+    from pydantic import ValidationError
+
+    from models.config.eqt import BPTTRule
+
+    with pytest.raises(ValidationError, match="adaptive_t2"):
+        EPRule(stab=StabiliserConfig(adjoint_target=1e-2))
+    with pytest.raises(ValidationError, match="bptt row"):
+        BPTTRule(stab=StabiliserConfig(adjoint_target=1e-2))
+    EPRule(stab=StabiliserConfig(adjoint_target=1e-2),
+           nudge=NudgeConfig(adaptive_t2=True, t2_max=40))
+
+
+def test_ep_step_feeds_the_nudged_tail_to_the_controller() -> None:
+    model, idx, tgt = make()
+    cfg = EPRule(nudge=NudgeConfig(beta=1e-3, adaptive_t2=True, t2_max=16, snapshot_every=4),
+                 stab=StabiliserConfig(target=1.0, adjoint_target=1e-2, ema=0.0))
+    ctl = JacregController.from_config(cfg.stab)
+    _, stats = gradients(model, idx, tgt, cfg, ctl)
+    assert 0 < stats["a_tail_head"] < math.inf
+    assert ctl.adj_ema == stats["a_tail_head"] and ctl.lam > cfg.stab.lam
+
+
 def test_jacreg_hutchinson_is_unbiased_for_the_frobenius_norm() -> None:
     model, idx, _ = make()
     z = model.free_phase(idx).z

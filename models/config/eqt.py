@@ -54,7 +54,10 @@ class StabiliserConfig(Strict):
     which the task gradient is skipped (None = no gate). ``control``: the residual the controller
     follows, ``final`` (after the adaptive continuation) or ``t1`` (after exactly T1 steps: what
     evaluation and the BPTT unroll see; it keeps the dynamics contracting fast enough for a
-    T1-step unroll and a T2-step nudge, see ``models.eqt.ep``)."""
+    T1-step unroll and a T2-step nudge, see ``models.eqt.ep``). ``adjoint_target`` (EP rows
+    with ``adaptive_t2``; None = off): lambda also rises while the nudged phase's estimated
+    remaining change after t2_max (``models.eqt.ep.remaining_change``) is above it, so that the
+    adjoint, not only the forward pass, contracts (``models.eqt.stabilisers.JacregController``)."""
 
     controller: bool = True
     lam: Annotated[float, Field(gt=0)] = 0.1
@@ -67,6 +70,7 @@ class StabiliserConfig(Strict):
     resreg: Annotated[float, Field(ge=0)] = 0.0
     gate: Annotated[float, Field(gt=0)] | None = None
     control: Literal["final", "t1"] = "final"
+    adjoint_target: Annotated[float, Field(gt=0)] | None = None
 
     @model_validator(mode="after")
     def _range(self) -> StabiliserConfig:
@@ -185,6 +189,13 @@ class BPTTRule(_EqRuleBase):
 
     kind: Literal["bptt"] = "bptt"
 
+    @model_validator(mode="after")
+    def _no_adjoint_control(self) -> BPTTRule:
+        if self.stab.adjoint_target is not None:
+            raise ValueError("stab.adjoint_target follows EP's nudged phase; a bptt row has none "
+                             "(allowed: null)")
+        return self
+
 
 class EPRule(_EqRuleBase):
     """Equilibrium propagation on the equilibrium block. ``cos_every``: steps between training-time
@@ -195,6 +206,13 @@ class EPRule(_EqRuleBase):
     nudge: NudgeConfig = NudgeConfig()
     fast: FastConfig = FastConfig()
     cos_every: Annotated[int, Field(ge=0)] = 0
+
+    @model_validator(mode="after")
+    def _adjoint_control_needs_snapshots(self) -> EPRule:
+        if self.stab.adjoint_target is not None and not self.nudge.adaptive_t2:
+            raise ValueError("stab.adjoint_target reads the nudged phase's snapshot increments; "
+                             "set nudge.adaptive_t2: true (or stab.adjoint_target: null)")
+        return self
 
 
 LMRule = Annotated[BPRule | BPTTRule | EPRule, Field(discriminator="kind")]

@@ -172,7 +172,7 @@ def nudged_contrast(model: EquilibriumLM, idx: torch.Tensor, targets: torch.Tens
     steps = cfg.t2_steps
     cap = cfg.t2_cap if cfg.t2_tol is not None else steps
     best_a, best_inc, best_t, prev_a = None, math.inf, steps, None
-    rel_inc, t, prev_step, rho = math.inf, 0, math.inf, -1.0
+    rel_inc, t, prev_step, rho, tail_head = math.inf, 0, math.inf, -1.0, math.inf
     while t < cap:
         t += 1
         f = force(z, x_in) - beta_b * scale * model.ce_grad_z(z, tgt)
@@ -197,6 +197,8 @@ def nudged_contrast(model: EquilibriumLM, idx: torch.Tensor, targets: torch.Tens
             elif prev_a is not None:
                 rel_inc = math.inf
             prev_a = a
+        if t == steps:
+            tail_head = rel_inc  # what the adjoint-aware controller reads
         # continuation (t2_tol): checked after t2_max steps and after every chunk
         if t >= steps and (cfg.t2_tol is None or ((t - steps) % cfg.t2_chunk == 0
                                                   and rel_inc <= cfg.t2_tol)):
@@ -206,7 +208,7 @@ def nudged_contrast(model: EquilibriumLM, idx: torch.Tensor, targets: torch.Tens
     best_a = best_a / per_token
     stats = {"t2": float(best_t), "a_norm": float(best_a.norm())}
     if cfg.adaptive_t2:
-        stats["a_increment"] = best_inc
+        stats.update({"a_increment": best_inc, "a_tail_head": tail_head})
     if cfg.t2_tol is not None:
         stats.update({"settle/nudged/iters": float(t), "settle/nudged/residual": rel_inc,
                       "settle/nudged/tol": cfg.t2_tol, "settle/nudged/cap": float(cap)})

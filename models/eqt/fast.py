@@ -489,14 +489,16 @@ class FastEQ:
         g_head, g_chunk, g_grad = self._ep_graph(shape, cfg)
         g_head()
         stats: dict[str, float] = {}
+        if cfg.adaptive_t2:  # the tail after t2_max: what the adjoint-aware controller reads
+            stats["a_tail_head"] = float(self._out["a_rel_inc"])
         if g_chunk is not None:  # t2_tol: continue while the last snapshot still moves
-            t, rel = cfg.t2_steps, float(self._out["a_rel_inc"])
+            t, rel = cfg.t2_steps, stats["a_tail_head"]
             while t < cfg.t2_cap and not rel <= cfg.t2_tol:
                 g_chunk()
                 t += cfg.t2_chunk
                 rel = float(self._out["a_rel_inc"])
-            stats = {"settle/nudged/iters": float(t), "settle/nudged/residual": rel,
-                     "settle/nudged/tol": cfg.t2_tol, "settle/nudged/cap": float(cfg.t2_cap)}
+            stats.update({"settle/nudged/iters": float(t), "settle/nudged/residual": rel,
+                          "settle/nudged/tol": cfg.t2_tol, "settle/nudged/cap": float(cfg.t2_cap)})
         g_grad()
         return stats
 
@@ -695,6 +697,7 @@ class FastEQ:
             grads = {n: task[n] + self._out[f"stab/{n}"] for n in task}
         stats["residual_t1"] = res_t1
         if controller is not None:
-            controller.update(res_t1 if stab.control == "t1" else free_res)
+            controller.update(res_t1 if stab.control == "t1" else free_res,
+                              stats.get("a_tail_head"))
         stats["grad/global"] = float(torch.sqrt(sum(g.pow(2).sum() for g in grads.values())))
         return grads, stats

@@ -139,7 +139,8 @@ def gradients(model: EquilibriumLM, idx: torch.Tensor, targets: torch.Tensor,
     extra, extra_stats = stabilisers.stabiliser_gradients(model, idx, free, stab, lam)
     stats.update(extra_stats)
     if controller is not None:
-        controller.update(free.residual_t1 if stab.control == "t1" else free.residual)
+        controller.update(free.residual_t1 if stab.control == "t1" else free.residual,
+                          stats.get("a_tail_head"))
     stats["residual_t1"] = free.residual_t1
     grads = {n: task[n] + extra[n] if n in extra else task[n] for n in task}
     stats["grad/global"] = float(torch.sqrt(sum(g.pow(2).sum() for g in grads.values())))

@@ -35,40 +35,65 @@ class JacregController:
 
     Defaults from the log's recipes: lambda0 0.1, floor 0.1, max 16 (``--jr_max 16``),
     target 1.5e-3, EMA 0.9, exponent 0.3. A non-finite residual drives lambda to the max.
+
+    With ``adjoint_target`` (EP rows) lambda also follows an EMA of the nudged phase's
+    estimated remaining change after t2_max steps (``models.eqt.ep.remaining_change``):
+    lambda <- lambda * max(res_EMA / target, tail_EMA / adjoint_target)^power. The forward
+    residual alone can sit below target while the adjoint contracts at ~0.99 per step (GPU
+    protocol at e0f532b: lambda at its floor for most steps while the nudged phase needed
+    400-800 steps), because x_in starts the free phase with little weight on the slow modes
+    that dl/dz excites.
     """
 
     def __init__(self, lam: float = 0.1, floor: float = 0.1, lam_max: float = 16.0,
-                 target: float = 1.5e-3, ema: float = 0.9, power: float = 0.3) -> None:
+                 target: float = 1.5e-3, ema: float = 0.9, power: float = 0.3,
+                 adjoint_target: float | None = None) -> None:
         if not 0 < floor <= lam_max:
             raise ValueError(f"need 0 < floor <= lam_max (floor={floor}, lam_max={lam_max}); a "
                              "floor of 0 lets lambda anneal away and the operator explode")
         if target <= 0 or not 0 <= ema < 1:
             raise ValueError(f"need target > 0 and 0 <= ema < 1 (target={target}, ema={ema})")
         self.floor, self.lam_max, self.target = floor, lam_max, target
-        self.ema, self.power = ema, power
+        self.ema, self.power, self.adjoint_target = ema, power, adjoint_target
         self.lam = min(max(lam, floor), lam_max)
         self.res_ema: float | None = None
+        self.adj_ema: float | None = None
 
     @classmethod
     def from_config(cls, cfg: StabiliserConfig) -> JacregController:
-        return cls(cfg.lam, cfg.floor, cfg.lam_max, cfg.target, cfg.ema, cfg.power)
+        return cls(cfg.lam, cfg.floor, cfg.lam_max, cfg.target, cfg.ema, cfg.power,
+                   cfg.adjoint_target)
 
-    def update(self, residual: float) -> float:
+    def _smooth(self, old: float | None, new: float) -> float:
+        return new if old is None else self.ema * old + (1 - self.ema) * new
+
+    def update(self, residual: float, adjoint_tail: float | None = None) -> float:
+        """One step: ``residual`` (free phase) and, with ``adjoint_target``, this step's
+        nudged tail after t2_max (None when no nudged phase ran: the gate was shut)."""
         if not math.isfinite(residual):
             self.lam = self.lam_max
             return self.lam
-        self.res_ema = residual if self.res_ema is None else (
-            self.ema * self.res_ema + (1 - self.ema) * residual)
+        self.res_ema = self._smooth(self.res_ema, residual)
         ratio = max(self.res_ema, 1e-30) / self.target
+        if self.adjoint_target is not None and adjoint_tail is not None:
+            # an unmeasured or non-finite tail counts as 100x the target, not as infinity (one
+            # such step must not pin the EMA, and lambda, at the max for good)
+            tail = min(adjoint_tail, 100 * self.adjoint_target)
+            tail = tail if math.isfinite(tail) else 100 * self.adjoint_target
+            self.adj_ema = self._smooth(self.adj_ema, tail)
+        if self.adjoint_target is not None and self.adj_ema is not None:
+            ratio = max(ratio, self.adj_ema / self.adjoint_target)
         self.lam = min(max(self.lam * ratio**self.power, self.floor), self.lam_max)
         return self.lam
 
     def state_dict(self) -> dict[str, Any]:
-        return {"lam": self.lam, "res_ema": self.res_ema}
+        return {"lam": self.lam, "res_ema": self.res_ema, "adj_ema": self.adj_ema}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.lam = min(max(float(state["lam"]), self.floor), self.lam_max)
         self.res_ema = None if state["res_ema"] is None else float(state["res_ema"])
+        adj = state.get("adj_ema")  # absent in checkpoints written before adjoint_target
+        self.adj_ema = None if adj is None else float(adj)
 
 
 def jacobian_penalty(model: EquilibriumLM, z: torch.Tensor) -> torch.Tensor:
