@@ -16,8 +16,8 @@ from models.training.segments import read_logs
 RUNS = Path(__file__).parent / "data" / "gpu_short_9ef6e87"
 
 
-def findings(row: str) -> list:
-    d = RUNS / row
+def findings(row: str, runs: Path = RUNS) -> list:
+    d = runs / row
     extras = calibration_extras(json.loads((d / "calibration.json").read_text()))
     extras["metrics"] = json.loads((d / "diagnostics.json").read_text())["metrics"]
     extras["warmup_steps"] = 200  # the profile's warm-up
@@ -42,3 +42,14 @@ def test_ep_without_aep_broken_phase_is_flagged() -> None:
 @pytest.mark.parametrize("row", ["ep", "bptt", "bp"])
 def test_healthy_gpu_rows_are_silent(row: str) -> None:
     assert findings(row) == []
+
+
+def test_ep_checkpoints_below_the_bar_are_a_warning() -> None:
+    """e0f532b's EP trained well (val 2.483 vs BPTT 2.503) with four checkpoints below the
+    GPU-scale issue's bar: one warning that names them, nothing worse."""
+    found = findings("ep", RUNS.parent / "gpu_short_e0f532b")
+    assert all(f.severity == Severity.WARNING for f in found), [f.message for f in found]
+    (acc,) = [f for f in found if f.detector == "estimator_accuracy"]
+    assert acc.evidence["checkpoints_below"] == 4 and acc.evidence["checkpoints"] == 8
+    assert "step 750: attn.k +0.10" in acc.message and "step 1500" in acc.message
+    assert acc.evidence["min_cos"] < 0.1

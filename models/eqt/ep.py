@@ -54,6 +54,20 @@ reports/gpu-short/README.md and tests/test_eqt_fast.py):
   144836f's step 750, cos(BPTT, implicit) = 0.845 while cos(EP, implicit) = 0.992 (attention
   min 0.852). Training-time checkpoints therefore also log ``cos_implicit/*`` and
   ``cos_bptt_implicit`` (reports/gpu-short/README.md).
+- The last increment is the wrong stopping signal at slow contraction: at 0.99 per step a
+  snapshot 4 steps apart moves 4% of the remaining error, so 144836f's step 750 stopped on a
+  0.33% increment with ~8% of a still to come. ``t2_tol`` now bounds ``remaining_change``, the
+  geometric tail of the increments. The reference of the cosine checkpoints is BPTT through an
+  unroll converged in both passes (``models.eqt.bptt.reference_steps``), the T1 unroll being
+  logged as ``cos_t1/*``. The protocol re-run with both (e0f532b) still missed the bar at 4 of 8
+  checkpoints: the run sat in a regime where the nudged phase needed ~430 steps while lambda was
+  at its floor for 68% of the steps (the T1 residual under target), and the damped implicit
+  adjoint did not converge in 3,000 iterations at any checkpoint (BiCGSTAB now solves it). What
+  the forward residual cannot see is the adjoint's contraction: x_in starts the free phase with
+  little weight on the slow modes that dl/dz excites. ``StabiliserConfig.adjoint_target`` lets
+  the controller follow the nudged phase's tail too; a 400-step probe with it (2b9d7c7) kept the
+  nudge at ~100 steps and every checkpoint at cos >= 0.99999 to the converged reference (the
+  full protocol with it is still to be run; reports/gpu-short/README.md).
 - Also found: jacreg's theta-gradient through ``torch.func.jvp`` is wrong when LN inputs depend
   on theta (qk-norm); jacreg now uses the closed-form J v (``models.eqt.stabilisers``).
 """

@@ -20,7 +20,8 @@ log (one row per logged step, CONVENTIONS prefixes); ``extras`` holds diagnostic
 
 ``calibration_extras`` turns what calibration recorded (``calibration.json["health"]``) into
 these keys. Detectors on the trace alone: runaway_norms, norm_excursions, divergence,
-settling_at_cap; worse_than_chance and estimator_sign also flag mid-run episodes (a run that
+settling_at_cap, estimator_accuracy (training cosines below the GPU-scale issue's bar);
+worse_than_chance and estimator_sign also flag mid-run episodes (a run that
 went worse than chance or pointed uphill for a while and came back).
 
 Severities: fatal = the run's numbers are meaningless (NaN, a frozen or far-above-chance

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from models.health._trace import named
+from models.health._trace import named, series
 from models.health.finding import Finding, Severity
 
 # Metric prefixes holding a cosine to the reference gradient, per parameter group / layer.
@@ -70,6 +70,55 @@ def estimator_sign(trace: pd.DataFrame, metrics: Mapping[str, Any] | None = None
             where=f"diagnostics metric {key}; the rule's credit for that group/layer",
             evidence={"cos": float(value)}))
     return out
+
+
+def estimator_accuracy(trace: pd.DataFrame, *, warmup_steps: int = 0,
+                       min_global: float = 0.95, min_group: float = 0.90) -> list[Finding]:
+    """Warning: training checkpoints after warm-up where the estimator's cosine to the exact
+    gradient (``cos/<group>``) is below ``min_global`` globally or ``min_group`` on a group,
+    though not negative (that is estimator_sign).
+
+    The bars are the GPU-scale issue's (log 003 reports 0.99-1.0 per group for EP with AEP): a
+    run can train to a good loss with a few checkpoints far off (e0f532b: global 0.47 and
+    attn.k 0.10 at step 750, attn.q 0.72 at 1500, no other finding). Where the row logs them,
+    ``cos_implicit/global`` and ``cos_ref_steps`` at those steps say whether the estimator or a
+    truncated reference (ref steps = T1) is off.
+    """
+    groups = named(trace, "cos/")
+    if "global" not in groups:
+        return []
+    low: dict[int, list[tuple[str, float]]] = {}
+    for group, s in groups.items():
+        bar = min_global if group == "global" else min_group
+        after = s[s.index.to_numpy() > warmup_steps]
+        for step, value in after.items():
+            if value < bar:
+                low.setdefault(int(step), []).append((group, float(value)))
+    if not low:
+        return []
+    checkpoints = int((groups["global"].index.to_numpy() > warmup_steps).sum())
+    implicit = named(trace, "cos_implicit/").get("global")
+    ref_steps = series(trace, "cos_ref_steps") if "cos_ref_steps" in trace.columns else None
+
+    def describe(step: int) -> str:
+        worst = ", ".join(f"{g} {v:+.2f}" for g, v in sorted(low[step], key=lambda gv: gv[1])[:3])
+        extra = []
+        if implicit is not None and step in implicit.index:
+            extra.append(f"to implicit {float(implicit[step]):.3f}")
+        if ref_steps is not None and step in ref_steps.index:
+            extra.append(f"ref unroll {int(ref_steps[step])}")
+        return f"step {step}: {worst}" + (f" ({'; '.join(extra)})" if extra else "")
+
+    worst_value = min(v for vals in low.values() for _, v in vals)
+    return [Finding(
+        detector="estimator_accuracy", severity=Severity.WARNING,
+        message=(f"cos(g_rule, g_ref) below the bar (global {min_global}, per group {min_group})"
+                 f" at {len(low)} of {checkpoints} checkpoints after the {warmup_steps}-step "
+                 f"warm-up: " + "; ".join(describe(k) for k in sorted(low))),
+        where="trace columns cos/* at those steps, with the nudged phase's settle/nudged/* and "
+              "t2 (estimator) and cos_bptt_implicit / cos_ref_steps (reference)",
+        evidence={"checkpoints_below": float(len(low)), "checkpoints": float(checkpoints),
+                  "min_cos": worst_value})]
 
 
 def _intermittent_sign(group: str, after: pd.Series, max_cos: float,

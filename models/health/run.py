@@ -18,7 +18,7 @@ from models.health.dynamics import (
     residual_growth,
     settling_at_cap,
 )
-from models.health.estimators import estimator_sign, group_self_coherence
+from models.health.estimators import estimator_accuracy, estimator_sign, group_self_coherence
 from models.health.finding import Finding, worst_first
 from models.health.losses import (
     constant_loss_term,
@@ -62,6 +62,7 @@ def run_all(trace: pd.DataFrame, extras: Mapping[str, Any] | None = None, *,
         *runaway_norms(trace),
         *norm_excursions(trace),
         *estimator_sign(trace, metrics, warmup_steps=int(ex.get("warmup_steps", 0))),
+        *estimator_accuracy(trace, warmup_steps=int(ex.get("warmup_steps", 0))),
         *group_self_coherence(ex.get("self_coherence_groups") or {},
                               ex.get("self_coherence_groups_ref"), metrics),
         *learns_nothing(metrics, ex.get("baselines") or ()),
