@@ -242,6 +242,17 @@ def test_krylov_adjoint_solves_what_the_damped_iteration_cannot_reach() -> None:
         implicit_gradients(model, idx, tgt, ImplicitConfig(max_iter=6), free)
 
 
+def test_bicgstab_stops_on_a_breakdown() -> None:
+    """A rotation has r^T A r = 0 for every r: the first step breaks down. The solver stops and
+    reports its residual (the caller raises a ValueError) instead of dividing by zero."""
+    from models.eqt.implicit import bicgstab
+
+    rot = torch.tensor([[0.0, -1.0], [1.0, 0.0]], dtype=torch.float64)
+    b = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    x, rel, products = bicgstab(lambda v: rot @ v, b, torch.zeros_like(b), 1e-10, 100)
+    assert rel == pytest.approx(1.0) and products < 10 and torch.isfinite(x).all()
+
+
 def test_complex_force_extends_the_real_force() -> None:
     model, idx, _ = make(1)
     x_in = model.x_in(idx).detach()

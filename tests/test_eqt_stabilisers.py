@@ -87,8 +87,11 @@ def test_adjoint_target_is_validated_against_the_row() -> None:
         EPRule(stab=StabiliserConfig(adjoint_target=1e-2))
     with pytest.raises(ValidationError, match="bptt row"):
         BPTTRule(stab=StabiliserConfig(adjoint_target=1e-2))
+    with pytest.raises(ValidationError, match="t2_max >= 3"):  # the rate needs 3 snapshots
+        EPRule(stab=StabiliserConfig(adjoint_target=1e-2),
+               nudge=NudgeConfig(adaptive_t2=True, t2_max=8, snapshot_every=4))
     EPRule(stab=StabiliserConfig(adjoint_target=1e-2),
-           nudge=NudgeConfig(adaptive_t2=True, t2_max=40))
+           nudge=NudgeConfig(adaptive_t2=True, t2_max=12, snapshot_every=4))
 
 
 def test_ep_step_feeds_the_nudged_tail_to_the_controller() -> None:

@@ -209,9 +209,14 @@ class EPRule(_EqRuleBase):
 
     @model_validator(mode="after")
     def _adjoint_control_needs_snapshots(self) -> EPRule:
-        if self.stab.adjoint_target is not None and not self.nudge.adaptive_t2:
-            raise ValueError("stab.adjoint_target reads the nudged phase's snapshot increments; "
-                             "set nudge.adaptive_t2: true (or stab.adjoint_target: null)")
+        n = self.nudge
+        if self.stab.adjoint_target is not None and not (
+                n.adaptive_t2 and n.t2_max >= 3 * n.snapshot_every):
+            raise ValueError("stab.adjoint_target reads the nudged phase's rate, measured from "
+                             "two snapshot increments by t2_max: set nudge.adaptive_t2: true and "
+                             f"nudge.t2_max >= 3 * snapshot_every = {3 * n.snapshot_every} (got "
+                             f"adaptive_t2={n.adaptive_t2}, t2_max={n.t2_max}), or "
+                             "stab.adjoint_target: null")
         return self
 
 

@@ -9,6 +9,7 @@ estimates (beta -> 0, converged free phase), so it is the clean reference for EP
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -75,16 +76,20 @@ def bicgstab(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, x:
     rho = alpha = omega = 1.0
     v, p = torch.zeros_like(b), torch.zeros_like(b)
     products, rel = 1, float(r.norm()) / b_norm
-    while rel > tol and products + 2 <= max_products:
+    while rel > tol and products + 2 <= max_products:  # two products per iteration
         rho_new = float((r_hat * r).sum())
         if rho_new == 0.0 or omega == 0.0:
             break
         p = r + (rho_new / rho) * (alpha / omega) * (p - omega * v)
         v = matvec(p)
-        alpha = rho_new / float((r_hat * v).sum())
+        products += 1
+        denom = float((r_hat * v).sum())
+        if denom == 0.0 or not math.isfinite(denom):
+            break
+        alpha = rho_new / denom
         s = r - alpha * v
         t = matvec(s)
-        products += 2
+        products += 1
         tt = float((t * t).sum())
         omega = float((t * s).sum()) / tt if tt > 0 else 0.0
         x = x + alpha * p + omega * s

@@ -190,6 +190,8 @@ class Equilibrium(LearningRule):
         fast = self._fast_for(model)
         plain = StabiliserConfig(controller=False)
         if fast is not None:  # the eager BPTT needs ~28 GB at the log's shape
+            if free is not None:  # may view the engine's z buffer, which the BPTT graph rewrites
+                free.z = free.z.clone()
             g_t1, _ = fast.gradients(x, y, BPTTRule(stab=plain))
             g_t1 = {n: t.clone() for n, t in g_t1.items()}
             if free is None:
