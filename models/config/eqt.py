@@ -127,7 +127,7 @@ class NudgeConfig(Strict):
         if self.t2_tol is not None:
             if not self.adaptive_t2:
                 raise ValueError("t2_tol extends the adaptive T2 horizon; set adaptive_t2: true")
-            chunk = 5 * self.snapshot_every
+            chunk = self.t2_chunk
             if (self.t2_max % self.snapshot_every or self.t2_cap < self.t2_max
                     or (self.t2_cap - self.t2_max) % chunk):
                 raise ValueError(f"t2_tol needs t2_max a multiple of snapshot_every and t2_cap = "

@@ -186,7 +186,7 @@ def nudged_contrast(model: EquilibriumLM, idx: torch.Tensor, targets: torch.Tens
     steps = cfg.t2_steps
     cap = cfg.t2_cap if cfg.t2_tol is not None else steps
     best_a, best_inc, best_t, prev_a = None, math.inf, steps, None
-    rel_inc, t, prev_step, rho, tail_head = math.inf, 0, math.inf, -1.0, math.inf
+    remaining, t, prev_step, rho, tail_head = math.inf, 0, math.inf, -1.0, math.inf
     while t < cap:
         t += 1
         f = force(z, x_in) - beta_b * scale * model.ce_grad_z(z, tgt)
@@ -207,15 +207,15 @@ def nudged_contrast(model: EquilibriumLM, idx: torch.Tensor, targets: torch.Tens
                 if 0 < prev_step < math.inf:
                     rho = step / prev_step if rho < 0 else 0.5 * (rho + step / prev_step)
                 prev_step = step
-                rel_inc = remaining_change(step / max(float(a.norm()), 1e-30), rho)
+                remaining = remaining_change(step / max(float(a.norm()), 1e-30), rho)
             elif prev_a is not None:
-                rel_inc = math.inf
+                remaining = math.inf
             prev_a = a
         if t == steps:
-            tail_head = rel_inc  # what the adjoint-aware controller reads
+            tail_head = remaining  # what the adjoint-aware controller reads
         # continuation (t2_tol): checked after t2_max steps and after every chunk
         if t >= steps and (cfg.t2_tol is None or ((t - steps) % cfg.t2_chunk == 0
-                                                  and rel_inc <= cfg.t2_tol)):
+                                                  and remaining <= cfg.t2_tol)):
             break
     if best_a is None:
         best_a = _contrast(z, z_star, weights, r, k)
@@ -224,7 +224,7 @@ def nudged_contrast(model: EquilibriumLM, idx: torch.Tensor, targets: torch.Tens
     if cfg.adaptive_t2:
         stats.update({"a_increment": best_inc, "a_tail_head": tail_head})
     if cfg.t2_tol is not None:
-        stats.update({"settle/nudged/iters": float(t), "settle/nudged/residual": rel_inc,
+        stats.update({"settle/nudged/iters": float(t), "settle/nudged/residual": remaining,
                       "settle/nudged/tol": cfg.t2_tol, "settle/nudged/cap": float(cap)})
     return best_a, stats
 

@@ -146,47 +146,17 @@ class Equilibrium(LearningRule):
         else:
             free = model.free_phase(x)
             g, stats = eqt_ep.ep_gradients(model, x, y, self.cfg.nudge, free)
-        return {**self.reference_cosines(model, x, y, g, free), "cos_t2": stats.get("t2", math.nan)}
+        refs = self.references(model, x, y, free)
+        return {**reference_cosines(g, refs), "cos_t2": stats.get("t2", math.nan)}
 
     def _fast_for(self, model: EquilibriumLM) -> FastEQ | None:
         return self.fast if self.fast is not None and self.fast.model is model else None
 
-    def reference_cosines(self, model: EquilibriumLM, x: torch.Tensor, y: torch.Tensor,
-                          g: dict[str, torch.Tensor], free: RelaxResult | None = None,
-                          refs: dict[str, Any] | None = None) -> dict[str, float]:
-        """Cosines of ``g`` to the exact gradients at the same weights and batch.
-
-        ``cos/*``: to BPTT through an unroll converged in both passes (``eqt_bptt.
-        reference_steps``: the free phase's steps plus the implicit adjoint's iterations,
-        logged as ``cos_ref_steps``; 0 = the implicit gradient, the unroll's limit, where that
-        unroll would exceed 10 t1max steps), the gradient of the equilibrium model that EP
-        estimates.
-        ``cos_t1/*``: to BPTT through exactly T1 steps, the BPTT row's own gradient; it
-        truncates the backward pass when contraction is slow even where the forward residual is
-        below res_target (reports/gpu-short: 0.845 to the implicit gradient at one checkpoint).
-        ``cos_implicit/*``: to the implicit gradient at the same z*; ``cos_bptt_implicit`` and
-        ``cos_bptt_t1_implicit``: each reference's own cosine to it. Without a converged free
-        phase (no implicit gradient) the reference is the T1-step BPTT and ``cos/*`` says so
-        through ``cos_ref_steps`` = T1.
-        """
-        refs = refs if refs is not None else self.references(model, x, y, free)
-        out = {"cos_ref_steps": refs["steps"]}
-        for prefix, key in (("cos_t1", "t1"), ("cos_implicit", "implicit")):
-            if refs[key] is not None:
-                c = eqt_diag.grad_cosines(g, refs[key])
-                out.update({f"{prefix}/{k[4:]}": v for k, v in c.items() if k.startswith("cos/")})
-                out[f"norm_ratio_{key}"] = c["norm_ratio"]
-        if refs["implicit"] is not None:
-            out["cos_bptt_implicit"] = eqt_diag.cosine(refs["bptt"], refs["implicit"])
-            out["cos_bptt_t1_implicit"] = eqt_diag.cosine(refs["t1"], refs["implicit"])
-        out.update(eqt_diag.grad_cosines(g, refs["bptt"]))
-        return out
-
     def references(self, model: EquilibriumLM, x: torch.Tensor, y: torch.Tensor,
                    free: RelaxResult | None = None) -> dict[str, Any]:
-        """The exact gradients of ``reference_cosines`` on one batch: ``t1`` (BPTT, T1 steps),
-        ``implicit`` (None without a converged free phase or adjoint), ``bptt`` (the converged
-        unroll of ``steps`` steps, or the T1 one when there is no implicit gradient)."""
+        """The exact gradients ``reference_cosines`` compares with, on one batch: ``t1`` (BPTT,
+        T1 steps), ``implicit`` (None without a converged free phase or adjoint), ``bptt`` (the
+        converged unroll of ``steps`` steps, or the T1 one when there is no implicit gradient)."""
         fast = self._fast_for(model)
         plain = StabiliserConfig(controller=False)
         if fast is not None:  # the eager BPTT needs ~28 GB at the log's shape
@@ -241,6 +211,34 @@ class Equilibrium(LearningRule):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.controller is not None:
             self.controller.load_state_dict(state["controller"])
+
+
+def reference_cosines(g: dict[str, torch.Tensor], refs: dict[str, Any]) -> dict[str, float]:
+    """Cosines of ``g`` to the exact gradients of ``Equilibrium.references`` (same weights and
+    batch).
+
+    ``cos/*``: to BPTT through an unroll converged in both passes (``eqt_bptt.
+    reference_steps``: the free phase's steps plus the implicit adjoint's iterations, logged as
+    ``cos_ref_steps``; 0 = the implicit gradient, the unroll's limit, where that unroll would
+    exceed 10 t1max steps), the gradient of the equilibrium model that EP estimates.
+    ``cos_t1/*``: to BPTT through exactly T1 steps, the BPTT row's own gradient; it truncates
+    the backward pass when contraction is slow even where the forward residual is below
+    res_target (reports/gpu-short: 0.845 to the implicit gradient at one checkpoint).
+    ``cos_implicit/*``: to the implicit gradient at the same z*; ``cos_bptt_implicit`` and
+    ``cos_bptt_t1_implicit``: each reference's own cosine to it. Without a converged free phase
+    (no implicit gradient) the reference is the T1-step BPTT and ``cos_ref_steps`` = T1 says so.
+    """
+    out = {"cos_ref_steps": refs["steps"]}
+    for prefix, key in (("cos_t1", "t1"), ("cos_implicit", "implicit")):
+        if refs[key] is not None:
+            c = eqt_diag.grad_cosines(g, refs[key])
+            out.update({f"{prefix}/{k[4:]}": v for k, v in c.items() if k.startswith("cos/")})
+            out[f"norm_ratio_{key}"] = c["norm_ratio"]
+    if refs["implicit"] is not None:
+        out["cos_bptt_implicit"] = eqt_diag.cosine(refs["bptt"], refs["implicit"])
+        out["cos_bptt_t1_implicit"] = eqt_diag.cosine(refs["t1"], refs["implicit"])
+    out.update(eqt_diag.grad_cosines(g, refs["bptt"]))
+    return out
 
 
 @torch.no_grad()
@@ -401,7 +399,7 @@ def _diagnose_eq(trainer: Trainer, device: torch.device, result: dict[str, Any],
         else:  # the BPTT row's own gradient: the T1-step unroll
             g = refs["t1"]
         # against the converged unroll (cos/*), the T1 one (cos_t1/*) and the implicit gradient
-        cos_rows.append({**rule.reference_cosines(model, x, y, g, relaxed, refs), "t2": t2,
+        cos_rows.append({**reference_cosines(g, refs), "t2": t2,
                          "free_steps": float(relaxed.steps), "residual_t1": relaxed.residual_t1})
         g_rule.append(g)
         g_refs.append(refs["bptt"])
