@@ -15,7 +15,7 @@ from models.config.eqt import NudgeConfig
 from models.eqt.bptt import bptt_gradients, reference_steps
 from models.eqt.diagnostics import cosine, grad_cosines
 from models.eqt.ep import RHO_MAX, ep_gradients, remaining_change
-from models.eqt.implicit import implicit_gradients
+from models.eqt.implicit import ImplicitConfig, implicit_gradients
 from models.eqt.model import EqShape, EquilibriumLM
 from models.eqt.relax import RelaxConfig
 
@@ -240,6 +240,54 @@ def test_krylov_adjoint_solves_what_the_damped_iteration_cannot_reach() -> None:
     assert cosine(g, g_neumann) > 1 - 1e-12 and attn(g, g_neumann) > 1 - 1e-12
     with pytest.raises(ValueError, match="BiCGSTAB"):
         implicit_gradients(model, idx, tgt, ImplicitConfig(max_iter=6), free)
+
+
+def _unstable_fixed_point() -> tuple[EquilibriumLM, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A true fixed point (Newton, |F|/|z| ~ 1e-14) at which J = dF/dz has an eigenvalue with
+    real part +2.5: the free phase's damped iteration (eps 0.1) grows by 1.25 a step there."""
+    from torch.autograd.functional import jacobian
+
+    torch.manual_seed(2)
+    model = EquilibriumLM(EqShape(11, 6, n_embd=8, n_head=2, init_std=0.3),
+                          RelaxConfig(eps=0.1, t1=200, t1max=2000, res_target=1e-8)).double()
+    with torch.no_grad():  # the scale of the GPU run's unstable checkpoints (models.eqt.implicit)
+        model.block.attn.o.weight.mul_(2.0)
+        model.block.ffn.proj.weight.mul_(2.0)
+    idx, tgt = torch.randint(0, 11, (2, 6)), torch.randint(0, 11, (2, 6))
+    x_in = model.x_in(idx).detach()
+    z = x_in.clone()
+    for _ in range(12):
+        jac = jacobian(lambda v: model.force(v, x_in), z).reshape(z.numel(), z.numel())
+        z = (z - torch.linalg.solve(jac, model.force(z, x_in).detach().flatten()).view_as(z))
+    jac = jacobian(lambda v: model.force(v, x_in), z).reshape(z.numel(), z.numel())
+    assert float(model.force(z, x_in).detach().norm() / z.norm()) < 1e-12
+    assert float(torch.linalg.eigvals(jac).real.max()) > 1.0
+    # the exact adjoint, by a dense solve of J^T a = -dl/dz
+    a = torch.linalg.solve(jac.T, -model.ce_grad_z(z, tgt).flatten()).view_as(z)
+    return model, idx, tgt, (z.detach(), a)
+
+
+def test_implicit_reference_at_an_unstable_fixed_point() -> None:
+    """Where z* is not stable under the free phase's iteration the damped adjoint iteration
+    diverges; the reference is still the implicit gradient (float64 BiCGSTAB from the best
+    damped iterate, not the diverged one) and says z* is unstable. A float32 model gets it to
+    its 1e-6 tolerance: the solve runs in float64 (reports/gpu-short 7e9afa4: steps 500 and 1750
+    had no reference, the fp32 BiCGSTAB started from a 1e19 iterate)."""
+    from models.eqt.ep import contrast_gradients
+    from models.eqt.relax import RelaxResult
+
+    model, idx, tgt, (z, a_exact) = _unstable_fixed_point()
+    exact = contrast_gradients(model, idx, tgt, z, a_exact)
+    m32 = EquilibriumLM(model.shape, model.relax_cfg)
+    m32.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    for m, tol in ((model, 1e-10), (m32, 1e-6)):
+        zz = z.to(next(m.parameters()).dtype)
+        free = RelaxResult(z=zz, z_t1=zz, residual=1e-9, residual_t1=1e-9, steps=200)
+        g, stats = implicit_gradients(m, idx, tgt, ImplicitConfig(tol=tol, max_iter=500), free)
+        assert stats["adjoint_unstable"] == 1.0 and stats["adjoint_solver"] == 1.0
+        assert stats["adjoint_residual"] <= tol and stats["adjoint_neumann_residual"] > 1e-3
+        g = {n: t.double() for n, t in g.items()}
+        assert cosine(g, exact) > 1 - 10 * tol and attn(g, exact) > 1 - 10 * tol
 
 
 def test_bicgstab_stops_on_a_breakdown() -> None:

@@ -3,8 +3,9 @@
 At F(z*; theta) = 0, dL/dtheta = <a, dF/dtheta> + dl/dtheta with the adjoint a solving
 J^T a = -dl/dz (J = dF/dz at z*). a is found matrix-free by the damped iteration
 a <- a + eps (J^T a + dl/dz), which contracts exactly when the free phase does (I + eps J^T has
-the spectrum of I + eps J). Unlike BPTT through a finite unroll, this is the gradient EP
-estimates (beta -> 0, converged free phase), so it is the clean reference for EP tests.
+the spectrum of I + eps J), else by BiCGSTAB in float64 (slow contraction, or a z* that the
+free phase's iteration does not hold). Unlike BPTT through a finite unroll, this is the gradient
+EP estimates (beta -> 0, converged free phase), so it is the clean reference for EP tests.
 """
 
 from __future__ import annotations
@@ -35,35 +36,67 @@ class ImplicitConfig:
 @torch.no_grad()
 def adjoint(model: EquilibriumLM, idx: torch.Tensor, targets: torch.Tensor, z_star: torch.Tensor,
             cfg: ImplicitConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """Solve J^T a = -dl/dz at z*; raises if the iteration does not reach ``cfg.tol``.
+    """Solve J^T a = -dl/dz at z*; raises if neither solver reaches ``cfg.tol``.
 
     The damped (Neumann) iteration first: its iteration count is the number of reverse steps a
     BPTT unroll needs at z* (``models.eqt.bptt.reference_steps``). When contraction is too slow
-    for it (GPU protocol: > 3,000 iterations at every checkpoint of one run), BiCGSTAB on the
-    same matrix-free J^T solves the system in far fewer products; ``adjoint_iters`` is then
-    absent and ``adjoint_solver`` says which solved it."""
+    for it (GPU protocol: > 3,000 iterations at every checkpoint of one run), or the iteration
+    grows because z* is not stable under the free phase's own iteration (``adjoint_unstable``:
+    a residual of 1e-5 after T1 steps is no proof of stability), BiCGSTAB solves the same
+    matrix-free system in float64, from the best damped iterate. In float32 it stagnates near
+    the tolerance on these systems, and the diverged iterate it once started from left it at
+    1e14 (reports/gpu-short 7e9afa4, steps 500 and 1750: no reference at all). ``adjoint_iters``
+    is then absent and ``adjoint_solver`` (0 damped, 1 BiCGSTAB) says which solved it."""
     eps = model.relax_cfg.eps
     x_in = model.x_in(idx)
     _, pullback = vjp(lambda z: model.force(z, x_in), z_star)
     g = model.ce_grad_z(z_star, targets)
-    a = -g
-    rel = float("inf")
+    a = best = -g
+    rel, best_rel = float("inf"), float("inf")
     for it in range(1, cfg.max_iter + 1):
         r = pullback(a)[0] + g
         rel = float(r.norm() / g.norm())
         if rel <= cfg.tol:
             return a, {"adjoint_iters": float(it), "adjoint_residual": rel,
-                       "adjoint_solver": 0.0}
+                       "adjoint_solver": 0.0, "adjoint_unstable": 0.0}
+        if rel < best_rel:
+            best, best_rel = a, rel
+        elif not rel < DIVERGED * best_rel:  # growing (or not finite): z* is not contractive
+            break
         a = a + eps * r
-    neumann = rel
-    a, rel, products = bicgstab(lambda v: pullback(v)[0], -g, a, cfg.tol, cfg.max_iter)
+    stats = {"adjoint_neumann_residual": best_rel,
+             "adjoint_unstable": float(not rel < DIVERGED * best_rel)}
+    a, rel, products = _bicgstab_float64(model, idx, targets, z_star, best, cfg)
     if rel <= cfg.tol:
-        return a, {"adjoint_residual": rel, "adjoint_products": float(products),
+        return a, {**stats, "adjoint_residual": rel, "adjoint_products": float(products),
                    "adjoint_solver": 1.0}
-    raise ValueError(f"implicit adjoint did not converge: relative residual {neumann:.2e} > "
-                     f"tol {cfg.tol:.1e} after {cfg.max_iter} damped iterations, {rel:.2e} after "
-                     f"{products} BiCGSTAB products (raise max_iter, or the fixed point is not "
-                     "contractive)")
+    raise ValueError(f"implicit adjoint did not converge: relative residual {best_rel:.2e} > "
+                     f"tol {cfg.tol:.1e} after {it} damped iterations"
+                     f"{' (diverging: z* is unstable)' if stats['adjoint_unstable'] else ''}, "
+                     f"{rel:.2e} after {products} float64 BiCGSTAB products (raise max_iter, or "
+                     "J is singular at z*)")
+
+
+# The damped iteration has diverged once its residual is this many times its best.
+DIVERGED = 1e3
+
+
+def _bicgstab_float64(model: EquilibriumLM, idx: torch.Tensor, targets: torch.Tensor,
+                      z_star: torch.Tensor, a0: torch.Tensor, cfg: ImplicitConfig,
+                      ) -> tuple[torch.Tensor, float, int]:
+    """BiCGSTAB on J^T a = -dl/dz at z* with the model's weights in float64 (a copy unless they
+    already are), from ``a0``; the adjoint comes back in z*'s dtype."""
+    m64 = model
+    if next(model.parameters()).dtype != torch.float64:
+        m64 = type(model)(model.shape, model.relax_cfg).to(z_star.device, torch.float64)
+        m64.load_state_dict(model.state_dict())
+    z64 = z_star.detach().to(torch.float64)
+    x_in = m64.x_in(idx)
+    _, pullback = vjp(lambda z: m64.force(z, x_in), z64)
+    g = m64.ce_grad_z(z64, targets)
+    a, rel, products = bicgstab(lambda v: pullback(v)[0], -g, a0.to(torch.float64), cfg.tol,
+                                cfg.max_iter)
+    return a.to(z_star.dtype), rel, products
 
 
 def bicgstab(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, x: torch.Tensor,

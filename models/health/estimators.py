@@ -82,7 +82,8 @@ def estimator_accuracy(trace: pd.DataFrame, *, warmup_steps: int = 0,
     run can train to a good loss with a few checkpoints far off (e0f532b: global 0.47 and
     attn.k 0.10 at step 750, attn.q 0.72 at 1500, no other finding). Where the row logs them,
     ``cos_implicit/global`` and ``cos_ref_steps`` at those steps say whether the estimator or a
-    truncated reference (ref steps = T1) is off.
+    truncated reference (ref steps = T1, no implicit gradient) is off, and ``cos_ref_unstable``
+    whether z* was an unstable fixed point there.
     """
     groups = named(trace, "cos/")
     if "global" not in groups:
@@ -99,14 +100,19 @@ def estimator_accuracy(trace: pd.DataFrame, *, warmup_steps: int = 0,
     checkpoints = int((groups["global"].index.to_numpy() > warmup_steps).sum())
     implicit = named(trace, "cos_implicit/").get("global")
     ref_steps = series(trace, "cos_ref_steps") if "cos_ref_steps" in trace.columns else None
+    unstable = series(trace, "cos_ref_unstable") if "cos_ref_unstable" in trace.columns else None
 
     def describe(step: int) -> str:
         worst = ", ".join(f"{g} {v:+.2f}" for g, v in sorted(low[step], key=lambda gv: gv[1])[:3])
         extra = []
-        if implicit is not None and step in implicit.index:
+        has_implicit = implicit is not None and step in implicit.index
+        if has_implicit:
             extra.append(f"to implicit {float(implicit[step]):.3f}")
         if ref_steps is not None and step in ref_steps.index:
-            extra.append(f"ref unroll {int(ref_steps[step])}")
+            extra.append(f"ref unroll {int(ref_steps[step])}"
+                         + ("" if has_implicit or implicit is None else ": no implicit gradient"))
+        if unstable is not None and step in unstable.index and unstable[step] == 1:
+            extra.append("z* unstable under the free phase")
         return f"step {step}: {worst}" + (f" ({'; '.join(extra)})" if extra else "")
 
     worst_value = min(v for vals in low.values() for _, v in vals)

@@ -179,7 +179,8 @@ class Equilibrium(LearningRule):
                      else eqt_bptt.bptt_gradients(model, x, y, steps)[0])
         elif g_imp is not None:  # slower than 10 t1max damped steps: the unroll's limit itself
             g_ref, steps = g_imp, 0
-        return {"t1": g_t1, "implicit": g_imp, "bptt": g_ref, "steps": float(steps)}
+        return {"t1": g_t1, "implicit": g_imp, "bptt": g_ref, "steps": float(steps),
+                "unstable": float(imp_stats.get("adjoint_unstable", math.nan))}
 
     def log_stats(self, model: nn.Module) -> dict[str, float]:
         """Activation RMS of x_in and of z* on the last training batch at the updated weights
@@ -227,8 +228,10 @@ def reference_cosines(g: dict[str, torch.Tensor], refs: dict[str, Any]) -> dict[
     ``cos_implicit/*``: to the implicit gradient at the same z*; ``cos_bptt_implicit`` and
     ``cos_bptt_t1_implicit``: each reference's own cosine to it. Without a converged free phase
     (no implicit gradient) the reference is the T1-step BPTT and ``cos_ref_steps`` = T1 says so.
+    ``cos_ref_unstable``: 1 where the damped adjoint iteration grew, i.e. z* is not a stable
+    fixed point of the free phase (its small residual after T1 steps notwithstanding).
     """
-    out = {"cos_ref_steps": refs["steps"]}
+    out = {"cos_ref_steps": refs["steps"], "cos_ref_unstable": refs["unstable"]}
     for prefix, key in (("cos_t1", "t1"), ("cos_implicit", "implicit")):
         if refs[key] is not None:
             c = eqt_diag.grad_cosines(g, refs[key])
