@@ -290,6 +290,27 @@ def test_implicit_reference_at_an_unstable_fixed_point() -> None:
         assert cosine(g, exact) > 1 - 10 * tol and attn(g, exact) > 1 - 10 * tol
 
 
+def test_cosine_reference_at_an_unstable_fixed_point_is_the_t1_unroll() -> None:
+    """No unroll converges at an unstable z*: the checkpoints' reference is then BPTT through
+    T1 steps (the BPTT gradient there is), flagged unstable; the implicit gradient is still given
+    (logged as cos_implicit/*). Where z* is stable, the converged unroll (test above)."""
+    from models.config.eqt import EPRule
+    from models.eqt.relax import RelaxResult
+    from models.studies.eqt_lm import Equilibrium, reference_cosines
+
+    model, idx, tgt, (z, _) = _unstable_fixed_point()
+    rule = Equilibrium(model, EPRule(), torch.device("cpu"))
+    free = RelaxResult(z=z, z_t1=z, residual=1e-9, residual_t1=1e-9, steps=200)
+    refs = rule.references(model, idx, tgt, free)
+    assert refs["unstable"] == 1.0 and refs["steps"] == model.relax_cfg.t1
+    assert refs["bptt"] is refs["t1"] and refs["implicit"] is not None
+    cos = reference_cosines(refs["implicit"], refs)
+    assert cos["cos_ref_unstable"] == 1.0 and cos["cos_implicit/global"] == pytest.approx(1.0)
+    stable, idx, tgt = make(0)
+    refs = rule.references(stable, idx, tgt)
+    assert refs["unstable"] == 0.0 and refs["steps"] > stable.relax_cfg.t1
+
+
 def test_bicgstab_stops_on_a_breakdown() -> None:
     """A rotation has r^T A r = 0 for every r: the first step breaks down. The solver stops and
     reports its residual (the caller raises a ValueError) instead of dividing by zero."""

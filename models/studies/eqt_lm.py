@@ -177,8 +177,8 @@ class Equilibrium(LearningRule):
                                              cap=free.steps + 10 * model.relax_cfg.t1max)
             g_ref = (fast.bptt_reference(x, y, steps)[0] if fast is not None
                      else eqt_bptt.bptt_gradients(model, x, y, steps)[0])
-        elif g_imp is not None:  # slower than 10 t1max damped steps: the unroll's limit itself
-            g_ref, steps = g_imp, 0
+        elif g_imp is not None and not imp_stats["adjoint_unstable"]:
+            g_ref, steps = g_imp, 0  # slower than 10 t1max damped steps: the unroll's limit
         return {"t1": g_t1, "implicit": g_imp, "bptt": g_ref, "steps": float(steps),
                 "unstable": float(imp_stats.get("adjoint_unstable", math.nan))}
 
@@ -229,7 +229,8 @@ def reference_cosines(g: dict[str, torch.Tensor], refs: dict[str, Any]) -> dict[
     ``cos_bptt_t1_implicit``: each reference's own cosine to it. Without a converged free phase
     (no implicit gradient) the reference is the T1-step BPTT and ``cos_ref_steps`` = T1 says so.
     ``cos_ref_unstable``: 1 where the damped adjoint iteration grew, i.e. z* is not a stable
-    fixed point of the free phase (its small residual after T1 steps notwithstanding).
+    fixed point of the free phase (its small residual after T1 steps notwithstanding); no unroll
+    converges there, and the reference is the T1 one (``cos_ref_steps`` = T1).
     """
     out = {"cos_ref_steps": refs["steps"], "cos_ref_unstable": refs["unstable"]}
     for prefix, key in (("cos_t1", "t1"), ("cos_implicit", "implicit")):
