@@ -10,6 +10,7 @@ EP estimates (beta -> 0, converged free phase), so it is the clean reference for
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -86,10 +87,9 @@ def _bicgstab_float64(model: EquilibriumLM, idx: torch.Tensor, targets: torch.Te
                       ) -> tuple[torch.Tensor, float, int]:
     """BiCGSTAB on J^T a = -dl/dz at z* with the model's weights in float64 (a copy unless they
     already are), from ``a0``; the adjoint comes back in z*'s dtype."""
-    m64 = model
+    m64 = model  # a copy, not a new model: building one would draw from the global RNG
     if next(model.parameters()).dtype != torch.float64:
-        m64 = type(model)(model.shape, model.relax_cfg).to(z_star.device, torch.float64)
-        m64.load_state_dict(model.state_dict())
+        m64 = copy.deepcopy(model).to(torch.float64)
     z64 = z_star.detach().to(torch.float64)
     x_in = m64.x_in(idx)
     _, pullback = vjp(lambda z: m64.force(z, x_in), z64)
