@@ -131,3 +131,22 @@ def test_negative_ep_self_coherence_fires() -> None:
 def test_signed_ep_estimator_is_coherent() -> None:
     values = _ep_self_coherence(divide_by_signed_beta=True)
     assert min(values) > 0.5 and ep_self_coherence(values) == []
+
+
+def test_unstable_equilibrium_names_the_checkpoints() -> None:
+    """cos_ref_unstable (reference_cosines: the damped adjoint iteration grew at z*) after the
+    warm-up is a warning naming the steps and the residual that hid it; stable checkpoints, or
+    an unstable one inside the warm-up, raise nothing."""
+    from models.health.dynamics import unstable_equilibrium
+
+    trace = pd.DataFrame({"step": [100, 250, 500, 750, 1000],
+                          "residual": [1e-8, 2e-8, 5e-6, 3e-8, 7e-6],
+                          "cos_ref_unstable": [1.0, 0.0, 1.0, math.nan, 1.0]})
+    (found,) = unstable_equilibrium(trace, warmup_steps=200)
+    assert found.severity == Severity.WARNING and "steps 500, 1000" in found.message
+    assert "5.0e-06-7.0e-06" in found.message and found.evidence["checkpoints"] == 3.0
+    assert [f.detector for f in run_all(trace, {"warmup_steps": 200})].count(
+        "unstable_equilibrium") == 1
+    stable = trace.assign(cos_ref_unstable=[1.0, 0.0, 0.0, 0.0, 0.0])
+    assert unstable_equilibrium(stable, warmup_steps=200) == []
+    assert unstable_equilibrium(trace.drop(columns="cos_ref_unstable")) == []

@@ -183,6 +183,38 @@ def settling_at_cap(trace: pd.DataFrame, *, default_tol: float = 1e-3,
     return out
 
 
+def unstable_equilibrium(trace: pd.DataFrame, *, warmup_steps: int = 0) -> list[Finding]:
+    """Warning: cosine checkpoints where z* was not a stable fixed point of the relaxation
+    (``cos_ref_unstable`` = 1: the damped adjoint iteration, whose spectrum is the free phase's
+    linearisation, grew; ``models.eqt.implicit``).
+
+    The free-phase residual cannot show it: after T1 steps from x_in a growing mode may still be
+    small (GPU protocol 7e9afa4, steps 500 and 1750: residual 5e-6, no reference could be solved
+    from the diverged iteration). A longer relaxation would follow that mode away from z*, and
+    EP and BPTT then estimate finite-time gradients, not the equilibrium's.
+    """
+    if "cos_ref_unstable" not in trace.columns:
+        return []
+    flags = series(trace, "cos_ref_unstable")
+    flags = flags[flags.index.to_numpy() > warmup_steps]
+    steps = [int(s) for s in flags.index[flags.to_numpy() == 1]]
+    if not steps:
+        return []
+    res = series(trace, "residual") if "residual" in trace.columns else None
+    at = [float(res[s]) for s in steps if res is not None and s in res.index]
+    detail = f" (free-phase residual {min(at):.1e}-{max(at):.1e} there)" if at else ""
+    return [Finding(
+        detector="unstable_equilibrium", severity=Severity.WARNING,
+        message=(f"z* was an unstable fixed point of the relaxation at {len(steps)} of "
+                 f"{flags.size} cosine checkpoints after the {warmup_steps}-step warm-up (steps "
+                 f"{', '.join(map(str, steps))}){detail}: the damped adjoint iteration grew, so "
+                 "a small residual after T1 steps hid a growing mode; the cosines there compare "
+                 "finite-time gradients (reference: the T1 unroll)"),
+        where="trace columns cos_ref_unstable, residual, lambda at those steps (the jacreg "
+              "controller's reach: lam_max) and cos_implicit/*",
+        evidence={"checkpoints_unstable": float(len(steps)), "checkpoints": float(flags.size)})]
+
+
 def ep_self_coherence(values: Sequence[float], reference: Sequence[float] | None = None, *,
                       min_coherence: float = 0.0, last: int = 3) -> list[Finding]:
     """Batch-to-batch cosine of the EP gradient estimate turning negative (log 003: -0.27 while

@@ -17,6 +17,7 @@ from models.health.dynamics import (
     loss_limit_for,
     residual_growth,
     settling_at_cap,
+    unstable_equilibrium,
 )
 from models.health.estimators import estimator_accuracy, estimator_sign, group_self_coherence
 from models.health.finding import Finding, worst_first
@@ -63,6 +64,7 @@ def run_all(trace: pd.DataFrame, extras: Mapping[str, Any] | None = None, *,
         *norm_excursions(trace),
         *estimator_sign(trace, metrics, warmup_steps=int(ex.get("warmup_steps", 0))),
         *estimator_accuracy(trace, warmup_steps=int(ex.get("warmup_steps", 0))),
+        *unstable_equilibrium(trace, warmup_steps=int(ex.get("warmup_steps", 0))),
         *group_self_coherence(ex.get("self_coherence_groups") or {},
                               ex.get("self_coherence_groups_ref"), metrics),
         *learns_nothing(metrics, ex.get("baselines") or ()),
