@@ -45,9 +45,10 @@ def adjoint(model: EquilibriumLM, idx: torch.Tensor, targets: torch.Tensor, z_st
     grows because z* is not stable under the free phase's own iteration (``adjoint_unstable``:
     a residual of 1e-5 after T1 steps is no proof of stability), BiCGSTAB solves the same
     matrix-free system in float64, from the best damped iterate. In float32 it stagnates near
-    the tolerance on these systems, and the diverged iterate it once started from left it at
-    1e14 (reports/gpu-short 7e9afa4, steps 500 and 1750: no reference at all). ``adjoint_iters``
-    is then absent and ``adjoint_solver`` (0 damped, 1 BiCGSTAB) says which solved it."""
+    the tolerance on these systems, and started from the last (diverged) iterate it ended at
+    1e14 on a CPU case at the GPU protocol's shape (reports/gpu-short, 7e9afa4: two checkpoints
+    had no reference at all). ``adjoint_iters`` is then absent and ``adjoint_solver`` (0
+    damped, 1 BiCGSTAB) says which solved it."""
     eps = model.relax_cfg.eps
     x_in = model.x_in(idx)
     _, pullback = vjp(lambda z: model.force(z, x_in), z_star)

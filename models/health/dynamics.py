@@ -189,8 +189,8 @@ def unstable_equilibrium(trace: pd.DataFrame, *, warmup_steps: int = 0) -> list[
     linearisation, grew; ``models.eqt.implicit``).
 
     The free-phase residual cannot show it: after T1 steps from x_in a growing mode may still be
-    small (GPU protocol 7e9afa4, steps 500 and 1750: residual 5e-6, no reference could be solved
-    from the diverged iteration). A longer relaxation would follow that mode away from z*, and
+    small (reports/gpu-short: a CPU case at the protocol's shape with residual 1e-5 after T1
+    steps and a damped rate of 1.017). A longer relaxation would follow that mode away from z*, and
     EP and BPTT then estimate finite-time gradients, not the equilibrium's.
     """
     if "cos_ref_unstable" not in trace.columns:
