@@ -205,8 +205,9 @@ def unstable_equilibrium(trace: pd.DataFrame, *, warmup_steps: int = 0) -> list[
     detail = f" (free-phase residual {min(at):.1e}-{max(at):.1e} there)" if at else ""
     return [Finding(
         detector="unstable_equilibrium", severity=Severity.WARNING,
-        message=(f"z* was an unstable fixed point of the relaxation at {len(steps)} of "
-                 f"{flags.size} cosine checkpoints after the {warmup_steps}-step warm-up (steps "
+        message=(f"z* was an unstable fixed point of the relaxation at {len(steps)} of the "
+                 f"{flags.size} cosine checkpoints after the {warmup_steps}-step warm-up that "
+                 f"solved or tried the adjoint (steps "
                  f"{', '.join(map(str, steps))}){detail}: the damped adjoint iteration grew, so "
                  "a small residual after T1 steps hid a growing mode; the cosines there compare "
                  "finite-time gradients (reference: the T1 unroll)"),

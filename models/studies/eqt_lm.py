@@ -156,7 +156,17 @@ class Equilibrium(LearningRule):
                    free: RelaxResult | None = None) -> dict[str, Any]:
         """The exact gradients ``reference_cosines`` compares with, on one batch: ``t1`` (BPTT,
         T1 steps), ``implicit`` (None without a converged free phase or adjoint), ``bptt`` (the
-        converged unroll of ``steps`` steps, or the T1 one when there is no implicit gradient)."""
+        converged unroll of ``steps`` steps; its limit, the implicit gradient, with ``steps`` 0
+        where that unroll would exceed 10 t1max; the T1 one when there is no implicit gradient
+        or z* is unstable) and ``unstable`` (1 when z* is not contractive under the free phase's
+        own iteration, NaN when the adjoint was not tried).
+
+        At an unstable z* no unroll converges: BPTT through more steps grows without limit, so
+        the BPTT gradient there is the T1 one, and the implicit gradient (still logged) is the
+        gradient of an equilibrium the relaxation cannot hold. On the step-500 weights of the
+        GPU protocol scaled until z* is unstable (CPU, 8 sequences at full width), EP was at cos
+        1.0000 to the T1 unroll and 0.9896 (attn.q 0.77) to the implicit gradient, the T1 unroll
+        itself 0.9898 to it."""
         fast = self._fast_for(model)
         plain = StabiliserConfig(controller=False)
         if fast is not None:  # the eager BPTT needs ~28 GB at the log's shape
@@ -425,6 +435,7 @@ def _diagnose_eq(trainer: Trainer, device: torch.device, result: dict[str, Any],
         "settle_iters": float(free.steps), "abscissa": finger["abscissa"],
         **{k: v for k, v in cos.items() if k.startswith(("cos/", "cos_t1/"))},
         "cos_ref_steps": cos["cos_ref_steps"], "implicit_batches": float(len(imp_rows)),
+        "unstable_batches": float(np.nansum([r["cos_ref_unstable"] for r in cos_rows])),
         **({"cos_implicit": imp["cos_implicit/global"],
             "norm_ratio_implicit": imp["norm_ratio_implicit"],
             **{k: v for k, v in imp.items() if k.startswith("cos_bptt_")},
