@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from models.eqt.relax import RelaxResult, relax
+from models.eqt.relax import RelaxResult
 
 if TYPE_CHECKING:
     from models.eqt.model import EquilibriumLM
@@ -32,8 +32,7 @@ def bptt_gradients(model: EquilibriumLM, idx: torch.Tensor, targets: torch.Tenso
     if steps is not None:
         cfg = cfg.model_copy(update={"t1": steps, "t1max": max(steps, cfg.t1max)})
     with torch.enable_grad():
-        x_in = model.x_in(idx)
-        run = relax(lambda z: model.force(z, x_in), x_in, cfg, differentiable=True)
+        run = model.free_phase(idx, differentiable=True, relax_cfg=cfg)
         loss = model.ce(run.z, targets)
         names, params = zip(*model.named_parameters(), strict=True)
         gs = torch.autograd.grad(loss, params, allow_unused=True)

@@ -50,13 +50,11 @@ def adjoint(model: EquilibriumLM, idx: torch.Tensor, targets: torch.Tensor, z_st
     had no reference at all). ``adjoint_iters`` is then absent and ``adjoint_solver`` (0
     damped, 1 BiCGSTAB) says which solved it."""
     eps = model.relax_cfg.eps
-    x_in = model.x_in(idx)
-    _, pullback = vjp(lambda z: model.force(z, x_in), z_star)
-    g = model.ce_grad_z(z_star, targets)
+    pullback, g = _adjoint_system(model, idx, targets, z_star)
     a = best = -g
     it, rel, best_rel = 0, float("inf"), float("inf")
     for it in range(1, cfg.max_iter + 1):
-        r = pullback(a)[0] + g
+        r = pullback(a) + g
         rel = float(r.norm() / g.norm())
         if rel <= cfg.tol:
             return a, {"adjoint_iters": float(it), "adjoint_residual": rel,
@@ -108,13 +106,18 @@ def _bicgstab_float64(model: EquilibriumLM, idx: torch.Tensor, targets: torch.Te
     if next(model.parameters()).dtype != torch.float64:
         m64 = copy.deepcopy(model).to(torch.float64)
         m64.zero_grad(set_to_none=True)
-    z64 = z_star.detach().to(torch.float64)
-    x_in = m64.x_in(idx)
-    _, pullback = vjp(lambda z: m64.force(z, x_in), z64)
-    g = m64.ce_grad_z(z64, targets)
-    a, rel, products = bicgstab(lambda v: pullback(v)[0], -g, a0.to(torch.float64), cfg.tol,
-                                cfg.max_iter)
+    pullback, g = _adjoint_system(m64, idx, targets, z_star.detach().to(torch.float64))
+    a, rel, products = bicgstab(pullback, -g, a0.to(torch.float64), cfg.tol, cfg.max_iter)
     return a.to(z_star.dtype), rel, products
+
+
+def _adjoint_system(model: EquilibriumLM, idx: torch.Tensor, targets: torch.Tensor,
+                    z_star: torch.Tensor,
+                    ) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
+    """J^T v (matrix-free, at z*) and dl/dz at z*: the system J^T a = -dl/dz, in z*'s dtype."""
+    x_in = model.x_in(idx)
+    _, pullback = vjp(lambda z: model.force(z, x_in), z_star)
+    return (lambda v: pullback(v)[0]), model.ce_grad_z(z_star, targets)
 
 
 def bicgstab(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, x: torch.Tensor,

@@ -92,10 +92,13 @@ class EquilibriumLM(nn.Module):
         p = p - F.one_hot(targets, self.shape.vocab_size).to(z.dtype)
         return (p @ w) / targets.numel()
 
-    def free_phase(self, idx: torch.Tensor, differentiable: bool = False) -> RelaxResult:
+    def free_phase(self, idx: torch.Tensor, differentiable: bool = False,
+                   relax_cfg: RelaxConfig | None = None) -> RelaxResult:
+        """Relax from x_in under ``relax_cfg`` (default: the model's own)."""
         x_in = self.x_in(idx)
         x_f = x_in if differentiable else x_in.detach()
-        return relax(lambda z: self.force(z, x_f), x_f, self.relax_cfg, differentiable)
+        return relax(lambda z: self.force(z, x_f), x_f, relax_cfg or self.relax_cfg,
+                     differentiable)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Logits at the free-phase fixed point (no autograd through the relaxation)."""
