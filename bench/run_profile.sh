@@ -71,7 +71,8 @@ exec 9> runs/logs/report.lock && flock 9  # two profiles in one tree: one report
 $PY -m stages.report || exit 1
 
 out=reports/$PROFILE
-rm -rf "$out" && mkdir -p "$out/runs"
+# only what this script writes: reports/<profile>/ also keeps the archived runs (<commit>/)
+rm -rf "$out"/{FINDINGS.md,metrics.json,figures,runs,COMMIT,COMMAND} && mkdir -p "$out/runs"
 cp -r reports/FINDINGS.md reports/metrics.json reports/figures "$out/"
 for run in $RUNS; do
   IFS=/ read -r study row seed <<< "$run"
