@@ -372,3 +372,30 @@ def test_fp32_implicit_reference_matches_float64_and_refuses_unconverged() -> No
     short.load_state_dict(m32.state_dict())
     none, why = reference_gradients(short, idx, tgt)
     assert none is None and "converged free phase" in str(why["reason"])
+
+
+def test_held_out_cosines_average_the_implicit_gradient_over_stable_batches_only() -> None:
+    """diagnose: cos/* (to BPTT) averages every batch; cos to implicit only the batches whose z*
+    is stable (where it is the converged unroll's limit). An unstable batch is counted, with its
+    own cosine to the implicit gradient, and a batch without an implicit gradient is in neither."""
+    from models.studies.eqt_lm import held_out_cosines
+
+    def row(cos: float, imp: float | None, unstable: float) -> dict[str, float]:
+        out = {"cos/global": cos, "cos/attn.q": cos, "cos_t1/global": cos, "norm_ratio": 1.0,
+               "cos_ref_steps": 150.0, "cos_ref_unstable": unstable}
+        if imp is not None:
+            out |= {"cos_implicit/global": imp, "cos_implicit/attn.q": imp,
+                    "cos_bptt_implicit": imp, "norm_ratio_implicit": 1.0}
+        return out
+
+    m = held_out_cosines([row(1.0, 0.99, 0.0), row(0.99, 0.37, 1.0), row(0.98, 0.97, 0.0),
+                          row(0.97, None, math.nan)])
+    assert m["cos_bptt"] == pytest.approx(0.985) and m["cos/attn.q"] == pytest.approx(0.985)
+    assert m["cos_implicit"] == pytest.approx(0.98) and m["cos_implicit/attn.q"] == pytest.approx(0.98)
+    assert m["cos_bptt_implicit"] == pytest.approx(0.98) and "cos_implicit/global" not in m
+    assert m["cos_implicit_unstable"] == pytest.approx(0.37)
+    assert (m["implicit_batches"], m["unstable_batches"], m["diagnose_batches"]) == (2, 1, 4)
+    none = held_out_cosines([row(0.9, None, math.nan)])
+    assert "cos_implicit" not in none and "cos_implicit_unstable" not in none
+    assert none["unstable_batches"] == 0.0
+

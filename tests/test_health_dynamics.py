@@ -150,3 +150,11 @@ def test_unstable_equilibrium_names_the_checkpoints() -> None:
     stable = trace.assign(cos_ref_unstable=[1.0, 0.0, 0.0, 0.0, 0.0])
     assert unstable_equilibrium(stable, warmup_steps=200) == []
     assert unstable_equilibrium(trace.drop(columns="cos_ref_unstable")) == []
+    # diagnose's held-out batches at the final weights, alone or with the checkpoints
+    held = {"unstable_batches": 1.0, "diagnose_batches": 4.0, "cos_implicit_unstable": 0.37}
+    (only,) = unstable_equilibrium(stable, held, warmup_steps=200)
+    assert "on 1 of 4 held-out batches" in only.message and "0.370" in only.message
+    assert only.evidence == {"batches_unstable": 1.0}
+    (both,) = unstable_equilibrium(trace, held, warmup_steps=200)
+    assert "steps 500, 1000" in both.message and "1 of 4 held-out" in both.message
+    assert unstable_equilibrium(stable, {**held, "unstable_batches": 0.0}, warmup_steps=200) == []

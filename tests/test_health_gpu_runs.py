@@ -53,3 +53,15 @@ def test_ep_checkpoints_below_the_bar_are_a_warning() -> None:
     assert acc.evidence["checkpoints_below"] == 4 and acc.evidence["checkpoints"] == 8
     assert "step 750: attn.k +0.10" in acc.message and "step 1500" in acc.message
     assert acc.evidence["min_cos"] < 0.1
+
+
+@pytest.mark.parametrize("row", ["ep", "bptt"])
+def test_an_unstable_held_out_batch_is_a_warning(row: str) -> None:
+    """ff7c04e: every training checkpoint stable and EP at cos >= 0.999, but z* unstable on one
+    held-out batch at the final weights (diagnose), where EP's cosine to the implicit gradient
+    fell (4-batch mean 0.84, cos to BPTT 0.997): one warning that says so, nothing else."""
+    (found,) = findings(row, RUNS.parent / "gpu_short_ff7c04e")
+    assert found.detector == "unstable_equilibrium" and found.severity == Severity.WARNING
+    assert found.evidence == {"batches_unstable": 1.0}
+    assert "on 1 held-out batch at the final weights" in found.message
+    assert "cosine checkpoints" not in found.message

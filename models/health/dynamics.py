@@ -4,7 +4,7 @@ and an EP estimator that stops agreeing with itself across batches."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -183,37 +183,56 @@ def settling_at_cap(trace: pd.DataFrame, *, default_tol: float = 1e-3,
     return out
 
 
-def unstable_equilibrium(trace: pd.DataFrame, *, warmup_steps: int = 0) -> list[Finding]:
-    """Warning: cosine checkpoints where z* was not a stable fixed point of the relaxation
-    (``cos_ref_unstable`` = 1: the damped adjoint iteration, whose spectrum is the free phase's
-    linearisation, grew; ``models.eqt.implicit``).
+def unstable_equilibrium(trace: pd.DataFrame, metrics: Mapping[str, float] | None = None, *,
+                         warmup_steps: int = 0) -> list[Finding]:
+    """Warning: z* was not a stable fixed point of the relaxation at training's cosine
+    checkpoints after warm-up (trace ``cos_ref_unstable`` = 1: the damped adjoint iteration, whose
+    spectrum is the free phase's linearisation, grew; ``models.eqt.implicit``) or on held-out
+    batches at the final weights (diagnose's ``unstable_batches`` of ``diagnose_batches``).
 
     The free-phase residual cannot show it: after T1 steps from x_in a growing mode may still be
     small (reports/gpu-short: a CPU case at the protocol's shape with residual 1e-5 after T1
     steps and a damped rate of 1.017). A longer relaxation would follow that mode away from z*, and
-    EP and BPTT then estimate finite-time gradients, not the equilibrium's.
+    EP and BPTT then estimate finite-time gradients, not the equilibrium's: there the reference
+    is the T1 unroll, and the implicit gradient can be far from both (GPU protocol at ff7c04e: EP
+    at cos 0.997 to BPTT on the final weights, 0.84 to the implicit gradient with one of the four
+    held-out batches unstable).
     """
-    if "cos_ref_unstable" not in trace.columns:
+    parts, evidence = [], {}
+    if "cos_ref_unstable" in trace.columns:
+        flags = series(trace, "cos_ref_unstable")
+        flags = flags[flags.index.to_numpy() > warmup_steps]
+        steps = [int(s) for s in flags.index[flags.to_numpy() == 1]]
+        if steps:
+            res = series(trace, "residual") if "residual" in trace.columns else None
+            at = [float(res[s]) for s in steps if res is not None and s in res.index]
+            detail = f" (free-phase residual {min(at):.1e}-{max(at):.1e} there)" if at else ""
+            parts.append(f"at {len(steps)} of the {flags.size} cosine checkpoints after the "
+                         f"{warmup_steps}-step warm-up that solved or tried the adjoint (steps "
+                         f"{', '.join(map(str, steps))}){detail}")
+            evidence |= {"checkpoints_unstable": float(len(steps)),
+                         "checkpoints": float(flags.size)}
+    held_out = float((metrics or {}).get("unstable_batches", 0.0) or 0.0)
+    if held_out > 0:
+        n = (metrics or {}).get("diagnose_batches")
+        cos_imp = (metrics or {}).get("cos_implicit_unstable")
+        parts.append(f"on {held_out:.0f}{f' of {n:.0f}' if n else ''} held-out "
+                     f"batch{'es' if held_out > 1 or n else ''} at the final weights (diagnose)"
+                     + (f", where the rule's cosine to the implicit gradient is {cos_imp:.3f}"
+                        if cos_imp is not None and math.isfinite(cos_imp) else ""))
+        evidence |= {"batches_unstable": held_out}
+    if not parts:
         return []
-    flags = series(trace, "cos_ref_unstable")
-    flags = flags[flags.index.to_numpy() > warmup_steps]
-    steps = [int(s) for s in flags.index[flags.to_numpy() == 1]]
-    if not steps:
-        return []
-    res = series(trace, "residual") if "residual" in trace.columns else None
-    at = [float(res[s]) for s in steps if res is not None and s in res.index]
-    detail = f" (free-phase residual {min(at):.1e}-{max(at):.1e} there)" if at else ""
     return [Finding(
         detector="unstable_equilibrium", severity=Severity.WARNING,
-        message=(f"z* was an unstable fixed point of the relaxation at {len(steps)} of the "
-                 f"{flags.size} cosine checkpoints after the {warmup_steps}-step warm-up that "
-                 f"solved or tried the adjoint (steps "
-                 f"{', '.join(map(str, steps))}){detail}: the damped adjoint iteration grew, so "
-                 "a small residual after T1 steps hid a growing mode; the cosines there compare "
-                 "finite-time gradients (reference: the T1 unroll)"),
+        message=("z* was an unstable fixed point of the relaxation " + "; and ".join(parts)
+                 + ": the damped adjoint iteration grew, so a small residual after T1 steps hid "
+                 "a growing mode; the cosines there compare finite-time gradients (reference: "
+                 "the T1 unroll), and cos to implicit averages the stable batches only"),
         where="trace columns cos_ref_unstable, residual, lambda at those steps (the jacreg "
-              "controller's reach: lam_max) and cos_implicit/*",
-        evidence={"checkpoints_unstable": float(len(steps)), "checkpoints": float(flags.size)})]
+              "controller's reach: lam_max) and cos_implicit/*; diagnostics.json metrics "
+              "unstable_batches, cos_implicit_unstable",
+        evidence=evidence)]
 
 
 def ep_self_coherence(values: Sequence[float], reference: Sequence[float] | None = None, *,

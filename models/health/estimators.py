@@ -109,7 +109,8 @@ def estimator_accuracy(trace: pd.DataFrame, *, warmup_steps: int = 0,
         if has_implicit:
             extra.append(f"to implicit {float(implicit[step]):.3f}")
         if ref_steps is not None and step in ref_steps.index:
-            extra.append(f"ref unroll {int(ref_steps[step])}"
+            n = int(ref_steps[step])  # 0: the implicit gradient, the unroll's limit
+            extra.append(("ref implicit" if n == 0 else f"ref unroll {n}")
                          + ("" if has_implicit or implicit is None else ": no implicit gradient"))
         if unstable is not None and step in unstable.index and unstable[step] == 1:
             extra.append("z* unstable under the free phase")
