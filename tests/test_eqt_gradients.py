@@ -399,3 +399,27 @@ def test_held_out_cosines_average_the_implicit_gradient_over_stable_batches_only
     assert "cos_implicit" not in none and "cos_implicit_unstable" not in none
     assert none["unstable_batches"] == 0.0
 
+
+def test_segment_checkpointed_unroll_gives_the_same_bptt_gradient(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A differentiable unroll above CHECKPOINT_ELEMENTS keeps every chunk-th state and recomputes
+    the rest in the backward pass: the same gradients and residual trace as the full graph (the
+    eager BPTT at the log's shape, which needs ~28 GB whole)."""
+    from models.eqt import bptt, relax
+
+    model, idx, tgt = make(0)
+    steps = model.relax_cfg.chunk * 2 + 3  # two whole chunks and a remainder
+    plain, _, run = bptt.bptt_gradients(model, idx, tgt, steps)
+    calls = []
+
+    def counting(fn, *args, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        calls.append(args[2])
+        return torch.utils.checkpoint.checkpoint(fn, *args, **kw)
+
+    monkeypatch.setattr(relax, "CHECKPOINT_ELEMENTS", 0)
+    monkeypatch.setattr(relax, "checkpoint", counting)
+    segmented, _, run_seg = bptt.bptt_gradients(model, idx, tgt, steps)
+    assert calls == [model.relax_cfg.chunk] * 2 + [3]
+    assert run_seg.trace == run.trace and torch.equal(run_seg.z, run.z)
+    for name, g in plain.items():
+        torch.testing.assert_close(segmented[name], g, rtol=1e-12, atol=1e-14, msg=name)

@@ -12,12 +12,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from models.config.eqt import RelaxConfig
 
 __all__ = ["RelaxConfig", "RelaxResult", "relax", "relative_residual"]
 
 Force = Callable[[torch.Tensor], torch.Tensor]
+
+# A differentiable unroll of at least this many state elements x steps keeps only every
+# ``cfg.chunk``-th state and recomputes the steps between in the backward pass (segment
+# checkpointing, as the fast path's BPTT does; same gradients, one extra forward): the eager BPTT
+# at log 003's shape needs ~28 GB for T1 = 150, and the cosine reference of ~1,300 steps several
+# times that, e.g. on a laptop diagnosing a GPU run.
+CHECKPOINT_ELEMENTS = 2**27
 
 
 @dataclass
@@ -28,6 +36,18 @@ class RelaxResult:
     residual_t1: float       # res at z_t1
     steps: int               # relaxation steps applied
     trace: list[float] = field(default_factory=list)  # res before every step, then at z
+
+
+def _unroll(force: Force, z: torch.Tensor, n: int, eps: float,
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` relaxation steps from z; the residual before each (no side effects: a checkpointed
+    segment runs twice)."""
+    res = []
+    for _ in range(n):
+        f = force(z)
+        res.append(relative_residual(f.detach(), z.detach(), eps))
+        z = z + eps * f
+    return z, torch.stack(res) if res else torch.zeros(0)
 
 
 def relative_residual(f: torch.Tensor, z: torch.Tensor, eps: float) -> torch.Tensor:
@@ -41,11 +61,16 @@ def relax(force: Force, z0: torch.Tensor, cfg: RelaxConfig,
     converged or not)."""
     z = z0 if differentiable else z0.detach()
     trace: list[torch.Tensor] = []
-    with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
-        for _ in range(cfg.t1):
-            f = force(z)
-            trace.append(relative_residual(f.detach(), z.detach(), cfg.eps))
-            z = z + cfg.eps * f
+    grad = differentiable and torch.is_grad_enabled()
+    segment = cfg.chunk if grad and z.numel() * cfg.t1 >= CHECKPOINT_ELEMENTS else cfg.t1
+    with torch.set_grad_enabled(grad):
+        for start in range(0, cfg.t1, max(segment, 1)):
+            n = min(segment, cfg.t1 - start)
+            if segment < cfg.t1:
+                z, res = checkpoint(_unroll, force, z, n, cfg.eps, use_reentrant=False)
+            else:
+                z, res = _unroll(force, z, n, cfg.eps)
+            trace += list(res)
     z_t1 = z
     with torch.no_grad():
         f = force(z.detach())
