@@ -145,6 +145,7 @@ def test_unstable_equilibrium_names_the_checkpoints() -> None:
     (found,) = unstable_equilibrium(trace, warmup_steps=200)
     assert found.severity == Severity.WARNING and "steps 500, 1000" in found.message
     assert "5.0e-06-7.0e-06" in found.message and found.evidence["checkpoints"] == 3.0
+    assert "held-out" not in found.message
     assert [f.detector for f in run_all(trace, {"warmup_steps": 200})].count(
         "unstable_equilibrium") == 1
     stable = trace.assign(cos_ref_unstable=[1.0, 0.0, 0.0, 0.0, 0.0])

@@ -228,7 +228,8 @@ def unstable_equilibrium(trace: pd.DataFrame, metrics: Mapping[str, float] | Non
         message=("z* was an unstable fixed point of the relaxation " + "; and ".join(parts)
                  + ": the damped adjoint iteration grew, so a small residual after T1 steps hid "
                  "a growing mode; the cosines there compare finite-time gradients (reference: "
-                 "the T1 unroll), and cos to implicit averages the stable batches only"),
+                 "the T1 unroll)" + ("; the report's cos to implicit averages the stable "
+                                     "held-out batches only" if held_out > 0 else "")),
         where="trace columns cos_ref_unstable, residual, lambda at those steps (the jacreg "
               "controller's reach: lam_max) and cos_implicit/*; diagnostics.json metrics "
               "unstable_batches, cos_implicit_unstable",
