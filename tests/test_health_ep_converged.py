@@ -36,6 +36,11 @@ def check_silent(row: str, steps: int, lr: float) -> None:
     unigram = next(b for b in hr_baselines(row) if b["name"] == "constant")
     assert diag["metrics"]["final_val_loss"] < unigram["value"]
     assert hr.findings(diag) == [], hr.show(diag["health"])
+    if row != "bp":  # the held-out means can be audited from the per-batch cosines it keeps
+        batches, m = diag["batches"], diag["metrics"]
+        assert len(batches) == m["diagnose_batches"] == 4
+        assert m["cos_bptt"] == pytest.approx(sum(b["cos/global"] for b in batches) / 4)
+        assert m["unstable_batches"] == sum(b["cos_ref_unstable"] or 0 for b in batches)
 
 
 def test_converged_ep_raises_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -44,6 +44,7 @@ from models.nets.transformer import TransformerLM, TransformerShape
 from models.pipeline import RunSpec, tokens_dir
 from models.studies import baselines
 from models.training import rng
+from models.training.segments import progress_bar
 from models.training.trainer import Backprop, LearningRule, Trainer
 from models.training.windows import Windows
 
@@ -403,20 +404,22 @@ def _diagnose_eq(trainer: Trainer, device: torch.device, result: dict[str, Any],
                      EVAL_SEED + 2, device)
     batches = [stream.next() for _ in range(n_batches)]
     cos_rows, g_rule, g_refs = [], [], []
-    for x, y in batches:
-        relaxed = model.free_phase(x)
-        refs = rule.references(model, x, y, relaxed)
-        t2 = 0.0
-        if isinstance(rule.cfg, EPRule):
-            g, ep_stats = eqt_ep.ep_gradients(model, x, y, rule.cfg.nudge, relaxed)
-            t2 = ep_stats["t2"]
-        else:  # the BPTT row's own gradient: the T1-step unroll
-            g = refs["t1"]
-        # against the converged unroll (cos/*), the T1 one (cos_t1/*) and the implicit gradient
-        cos_rows.append({**reference_cosines(g, refs), "t2": t2,
-                         "free_steps": float(relaxed.steps), "residual_t1": relaxed.residual_t1})
-        g_rule.append(g)
-        g_refs.append(refs["bptt"])
+    with progress_bar() as bar:  # minutes per batch on a CPU at a GPU run's shape
+        for x, y in bar.track(batches, description="diagnose: held-out batches"):
+            relaxed = model.free_phase(x)
+            refs = rule.references(model, x, y, relaxed)
+            t2 = 0.0
+            if isinstance(rule.cfg, EPRule):
+                g, ep_stats = eqt_ep.ep_gradients(model, x, y, rule.cfg.nudge, relaxed)
+                t2 = ep_stats["t2"]
+            else:  # the BPTT row's own gradient: the T1-step unroll
+                g = refs["t1"]
+            # against the converged unroll (cos/*), the T1 one (cos_t1/*) and the implicit one
+            cos_rows.append({**reference_cosines(g, refs), "t2": t2,
+                             "free_steps": float(relaxed.steps),
+                             "residual_t1": relaxed.residual_t1})
+            g_rule.append(g)
+            g_refs.append(refs["bptt"])
     coherence = [eqt_diag.self_coherence(a, b) for a, b in zip(g_rule, g_rule[1:], strict=False)]
     result["extras"].update({"self_coherence_groups": _group_coherence(g_rule),
                              "self_coherence_groups_ref": _group_coherence(g_refs)})

@@ -49,7 +49,7 @@ def run_segment(trainer: Trainable, seg: Segment, cfg: TrainConfig, identity: di
     # layer statistics are outside it), so a segment's first window carries its start-up cost
     # (e.g. CUDA graph capture) and later windows show the steady step time.
     clock, window_start = time.perf_counter(), seg.start
-    with _progress() as bar:
+    with progress_bar() as bar:
         task = bar.add_task(f"{label} seg {seg.index}", total=seg.end - seg.start)
         for step in range(seg.start, seg.end):
             lr = lr_at(step, cfg)
@@ -89,6 +89,7 @@ def read_logs(log_dir: Path) -> list[dict[str, float]]:
     return rows
 
 
-def _progress() -> Progress:
+def progress_bar() -> Progress:
+    """The stages' progress bar (transient: gone once done, absent from non-terminal logs)."""
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeRemainingColumn(), transient=True)
