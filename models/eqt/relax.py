@@ -23,8 +23,9 @@ Force = Callable[[torch.Tensor], torch.Tensor]
 # A differentiable unroll of at least this many state elements x steps keeps only every
 # ``cfg.chunk``-th state and recomputes the steps between in the backward pass (segment
 # checkpointing, as the fast path's BPTT does; same gradients, one extra forward): the eager BPTT
-# at log 003's shape needs ~28 GB for T1 = 150, and the cosine reference of ~1,300 steps several
-# times that, e.g. on a laptop diagnosing a GPU run.
+# at log 003's shape needed 27.9 GB on an H200 for T1 = 150, 2.1 GB so (bench/results_h200), and
+# the cosine reference unrolls ~1,300 steps. On a CPU glibc's heap still fragments around the
+# graph nodes that outlive each step (4 x 256 x 128, 200 steps: 3.7 GB whole, 1.4 GB so).
 CHECKPOINT_ELEMENTS = 2**27
 
 
