@@ -375,26 +375,29 @@ def test_fp32_implicit_reference_matches_float64_and_refuses_unconverged() -> No
 
 
 def test_held_out_cosines_average_the_implicit_gradient_over_stable_batches_only() -> None:
-    """diagnose: cos/* (to BPTT) averages every batch; cos to implicit only the batches whose z*
-    is stable (where it is the converged unroll's limit). An unstable batch is counted, with its
-    own cosine to the implicit gradient, and a batch without an implicit gradient is in neither."""
+    """diagnose: cos/*, cos_t1/* and the norm ratio average every batch; cos to implicit only the
+    batches whose z* is stable (where it is the converged unroll's limit). An unstable batch is
+    counted, with its own cosine to the implicit gradient, and a batch without an implicit
+    gradient is in neither."""
     from models.studies.eqt_lm import held_out_cosines
 
     def row(cos: float, imp: float | None, unstable: float) -> dict[str, float]:
-        out = {"cos/global": cos, "cos/attn.q": cos, "cos_t1/global": cos, "norm_ratio": 1.0,
-               "cos_ref_steps": 150.0, "cos_ref_unstable": unstable}
+        out = {"cos/global": cos, "cos/attn.q": cos, "cos_t1/global": cos - 0.1,
+               "norm_ratio": 2 * cos, "cos_ref_steps": 150.0, "cos_ref_unstable": unstable}
         if imp is not None:
             out |= {"cos_implicit/global": imp, "cos_implicit/attn.q": imp,
-                    "cos_bptt_implicit": imp, "norm_ratio_implicit": 1.0}
+                    "cos_bptt_implicit": imp, "norm_ratio_implicit": 2 * imp}
         return out
 
     m = held_out_cosines([row(1.0, 0.99, 0.0), row(0.99, 0.37, 1.0), row(0.98, 0.97, 0.0),
                           row(0.97, None, math.nan)])
     assert m["cos_bptt"] == pytest.approx(0.985) and m["cos/attn.q"] == pytest.approx(0.985)
+    assert m["cos_t1/global"] == pytest.approx(0.885) and m["norm_ratio"] == pytest.approx(1.97)
     assert m["cos_implicit"] == pytest.approx(0.98) and m["cos_implicit/attn.q"] == pytest.approx(0.98)
     assert m["cos_bptt_implicit"] == pytest.approx(0.98) and "cos_implicit/global" not in m
+    assert m["norm_ratio_implicit"] == pytest.approx(1.96)
     assert m["cos_implicit_unstable"] == pytest.approx(0.37)
-    assert (m["implicit_batches"], m["unstable_batches"], m["diagnose_batches"]) == (2, 1, 4)
+    assert (m["implicit_batches"], m["unstable_batches"], m["diagnose_batches"]) == (3, 1, 4)
     none = held_out_cosines([row(0.9, None, math.nan)])
     assert "cos_implicit" not in none and "cos_implicit_unstable" not in none
     assert none["unstable_batches"] == 0.0

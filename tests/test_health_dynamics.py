@@ -155,7 +155,28 @@ def test_unstable_equilibrium_names_the_checkpoints() -> None:
     held = {"unstable_batches": 1.0, "diagnose_batches": 4.0, "cos_implicit_unstable": 0.37}
     (only,) = unstable_equilibrium(stable, held, warmup_steps=200)
     assert "on 1 of 4 held-out batches" in only.message and "0.370" in only.message
+    assert "averages the stable held-out batches only" in only.message
     assert only.evidence == {"batches_unstable": 1.0}
     (both,) = unstable_equilibrium(trace, held, warmup_steps=200)
     assert "steps 500, 1000" in both.message and "1 of 4 held-out" in both.message
     assert unstable_equilibrium(stable, {**held, "unstable_batches": 0.0}, warmup_steps=200) == []
+
+
+def test_estimator_accuracy_names_each_checkpoints_reference() -> None:
+    """Below-the-bar checkpoints say what they were compared with: the implicit gradient itself
+    (cos_ref_steps 0), an unroll of n steps, or the T1 unroll with no implicit gradient there."""
+    from models.health.estimators import estimator_accuracy
+
+    nan = math.nan
+    trace = pd.DataFrame({"step": [250, 500, 750, 1000],
+                          "cos/global": [0.90, 0.99, 0.80, 1.0],
+                          "cos/attn.q": [0.95, 0.50, 0.95, 1.0],
+                          "cos_implicit/global": [0.91, 0.99, nan, 1.0],
+                          "cos_ref_steps": [0.0, 420.0, 150.0, 300.0],
+                          "cos_ref_unstable": [0.0, 0.0, nan, 0.0]})
+    (found,) = estimator_accuracy(trace, warmup_steps=200)
+    assert found.evidence["checkpoints_below"] == 3.0
+    assert "step 250: global +0.90 (to implicit 0.910; ref implicit)" in found.message
+    assert "step 500: attn.q +0.50 (to implicit 0.990; ref unroll 420)" in found.message
+    assert "step 750: global +0.80 (ref unroll 150: no implicit gradient)" in found.message
+    assert "step 1000" not in found.message

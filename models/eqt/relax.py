@@ -25,7 +25,8 @@ Force = Callable[[torch.Tensor], torch.Tensor]
 # checkpointing, as the fast path's BPTT does; same gradients, one extra forward): the eager BPTT
 # at log 003's shape needed 27.9 GB on an H200 for T1 = 150, 2.1 GB so (bench/results_h200), and
 # the cosine reference unrolls ~1,300 steps. On a CPU glibc's heap still fragments around the
-# graph nodes that outlive each step (4 x 256 x 128, 200 steps: 3.7 GB whole, 1.4 GB so).
+# graph nodes that outlive each step (4 x 256 x 128, 200 steps, threshold forced to 0: 3.7 GB
+# whole, 1.4 GB so).
 CHECKPOINT_ELEMENTS = 2**27
 
 

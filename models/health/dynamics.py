@@ -212,24 +212,30 @@ def unstable_equilibrium(trace: pd.DataFrame, metrics: Mapping[str, float] | Non
                          f"{', '.join(map(str, steps))}){detail}")
             evidence |= {"checkpoints_unstable": float(len(steps)),
                          "checkpoints": float(flags.size)}
-    held_out = float((metrics or {}).get("unstable_batches", 0.0) or 0.0)
+    m = metrics or {}
+    held_out = float(m.get("unstable_batches", 0.0) or 0.0)
+    # diagnostics without diagnose_batches predate held_out_cosines: their cos to implicit
+    # averaged the unstable batches in
+    n = m.get("diagnose_batches")
+    split = n is not None and math.isfinite(n)
     if held_out > 0:
-        n = (metrics or {}).get("diagnose_batches")
-        cos_imp = (metrics or {}).get("cos_implicit_unstable")
-        parts.append(f"on {held_out:.0f}{f' of {n:.0f}' if n else ''} held-out "
-                     f"batch{'es' if held_out > 1 or n else ''} at the final weights (diagnose)"
+        cos_imp = m.get("cos_implicit_unstable")
+        parts.append(f"on {held_out:.0f}{f' of {n:.0f}' if split else ''} held-out "
+                     f"batch{'es' if held_out > 1 or split else ''} at the final weights "
+                     "(diagnose)"
                      + (f", where the rule's cosine to the implicit gradient is {cos_imp:.3f}"
                         if cos_imp is not None and math.isfinite(cos_imp) else ""))
         evidence |= {"batches_unstable": held_out}
     if not parts:
         return []
+    averaged = ("" if held_out == 0 else "; cos to implicit averages the stable held-out batches "
+                "only" if split else "; the cos to implicit of these diagnostics averages them in")
     return [Finding(
         detector="unstable_equilibrium", severity=Severity.WARNING,
         message=("z* was an unstable fixed point of the relaxation " + "; and ".join(parts)
                  + ": the damped adjoint iteration grew, so a small residual after T1 steps hid "
                  "a growing mode; the cosines there compare finite-time gradients (reference: "
-                 "the T1 unroll)" + ("; the report's cos to implicit averages the stable "
-                                     "held-out batches only" if held_out > 0 else "")),
+                 "the T1 unroll)" + averaged),
         where="trace columns cos_ref_unstable, residual, lambda at those steps (the jacreg "
               "controller's reach: lam_max) and cos_implicit/*; diagnostics.json metrics "
               "unstable_batches, cos_implicit_unstable",

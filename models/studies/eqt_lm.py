@@ -433,7 +433,7 @@ def _diagnose_eq(trainer: Trainer, device: torch.device, result: dict[str, Any],
         "settle_iters": float(free.steps), "abscissa": finger["abscissa"]})
     result["fingerprint"] = finger
     # per held-out batch, so a mean can be audited (None: not measured, e.g. no adjoint tried)
-    result["batches"] = [{k: v if math.isfinite(v) else None for k, v in r.items()}
+    result["batches"] = [{k: None if math.isnan(v) else v for k, v in r.items()}
                          for r in cos_rows]
     result["extras"].update({"self_coherence": coherence, "residual_curve": free.trace,
                              "lambda": None if rule.controller is None
@@ -444,24 +444,26 @@ def held_out_cosines(cos_rows: list[dict[str, float]]) -> dict[str, float]:
     """diagnose's metrics from the per-batch ``reference_cosines`` rows: means over the batches
     of ``cos/*``, ``cos_t1/*``, ``cos_ref_steps`` and ``norm_ratio`` (``cos_bptt`` = ``cos/global``).
 
-    ``cos_implicit*``, ``cos_bptt_*`` and ``norm_ratio_implicit`` average only the
-    ``implicit_batches`` whose z* is stable, where the implicit gradient is the converged unroll's
-    limit; ``unstable_batches`` (of ``diagnose_batches``) counts the others, with the rule's
-    cosine to the implicit gradient there as ``cos_implicit_unstable`` (health:
-    unstable_equilibrium). Averaged with them, one unstable batch of four pulled the GPU
-    protocol's EP to 0.84 "to implicit" while it was at 0.997 to BPTT (ff7c04e)."""
+    ``cos/*`` compares with each batch's reference, which at an unstable z* is the T1 unroll (the
+    BPTT row's own gradient there, so its cosine is 1). ``cos_implicit*``, ``cos_bptt_*`` and
+    ``norm_ratio_implicit`` average those of the ``implicit_batches`` (batches with an implicit
+    gradient) whose z* is stable, where it is the converged unroll's limit; ``unstable_batches``
+    (of ``diagnose_batches``) counts the unstable ones, with the rule's cosine to the implicit
+    gradient there as ``cos_implicit_unstable`` (health: unstable_equilibrium). At ff7c04e, which
+    averaged them in, EP's 4-batch cos to implicit was 0.842 with one batch unstable, while it was
+    at 0.997 to BPTT."""
     implicit_keys = ("cos_implicit", "cos_bptt_", "norm_ratio_implicit")
     cos = {k: float(np.mean([r[k] for r in cos_rows])) for k in cos_rows[0]
            if k.startswith(("cos/", "cos_t1/")) or k in ("cos_ref_steps", "norm_ratio")}
-    stable = [r for r in cos_rows if "cos_implicit/global" in r and r["cos_ref_unstable"] != 1]
-    unstable = [r["cos_implicit/global"] for r in cos_rows
-                if "cos_implicit/global" in r and r["cos_ref_unstable"] == 1]
+    implicit = [r for r in cos_rows if "cos_implicit/global" in r]
+    stable = [r for r in implicit if r["cos_ref_unstable"] != 1]
+    unstable = [r["cos_implicit/global"] for r in implicit if r["cos_ref_unstable"] == 1]
     imp = {k: float(np.mean([r[k] for r in stable])) for k in stable[0]
            if k.startswith(implicit_keys)} if stable else {}
     if imp:
         imp["cos_implicit"] = imp.pop("cos_implicit/global")
     return {**cos, "cos_bptt": cos["cos/global"], **imp,
-            "implicit_batches": float(len(stable)), "diagnose_batches": float(len(cos_rows)),
+            "implicit_batches": float(len(implicit)), "diagnose_batches": float(len(cos_rows)),
             "unstable_batches": float(np.nansum([r["cos_ref_unstable"] for r in cos_rows])),
             **({"cos_implicit_unstable": float(np.mean(unstable))} if unstable else {})}
 
