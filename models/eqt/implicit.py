@@ -34,6 +34,11 @@ class ImplicitConfig:
     stab: StabiliserConfig = field(default_factory=StabiliserConfig)
 
 
+# The damped iteration has diverged once its residual is this many times its best, and ends
+# growing when its last residual is this many times its best.
+DIVERGED, GROWING = 1e3, 1.5
+
+
 @torch.no_grad()
 def adjoint(model: EquilibriumLM, idx: torch.Tensor, targets: torch.Tensor, z_star: torch.Tensor,
             cfg: ImplicitConfig) -> tuple[torch.Tensor, dict[str, float]]:
@@ -90,11 +95,6 @@ class AdjointNotSolved(ValueError):
     def __init__(self, message: str, stats: dict[str, float]) -> None:
         super().__init__(message)
         self.stats = stats
-
-
-# The damped iteration has diverged once its residual is this many times its best, and ends
-# growing when its last residual is this many times its best.
-DIVERGED, GROWING = 1e3, 1.5
 
 
 def _bicgstab_float64(model: EquilibriumLM, idx: torch.Tensor, targets: torch.Tensor,

@@ -49,7 +49,7 @@ def _unroll(force: Force, z: torch.Tensor, n: int, eps: float,
         f = force(z)
         res.append(relative_residual(f.detach(), z.detach(), eps))
         z = z + eps * f
-    return z, torch.stack(res) if res else torch.zeros(0)
+    return z, torch.stack(res)
 
 
 def relative_residual(f: torch.Tensor, z: torch.Tensor, eps: float) -> torch.Tensor:
@@ -64,14 +64,13 @@ def relax(force: Force, z0: torch.Tensor, cfg: RelaxConfig,
     z = z0 if differentiable else z0.detach()
     trace: list[torch.Tensor] = []
     grad = differentiable and torch.is_grad_enabled()
-    segment = cfg.chunk if grad and z.numel() * cfg.t1 >= CHECKPOINT_ELEMENTS else cfg.t1
+    segmented = grad and cfg.chunk < cfg.t1 and z.numel() * cfg.t1 >= CHECKPOINT_ELEMENTS
+    size = cfg.chunk if segmented else cfg.t1
     with torch.set_grad_enabled(grad):
-        for start in range(0, cfg.t1, max(segment, 1)):
-            n = min(segment, cfg.t1 - start)
-            if segment < cfg.t1:
-                z, res = checkpoint(_unroll, force, z, n, cfg.eps, use_reentrant=False)
-            else:
-                z, res = _unroll(force, z, n, cfg.eps)
+        for start in range(0, cfg.t1, size):
+            n = min(size, cfg.t1 - start)
+            z, res = (checkpoint(_unroll, force, z, n, cfg.eps, use_reentrant=False)
+                      if segmented else _unroll(force, z, n, cfg.eps))
             trace += list(res)
     z_t1 = z
     with torch.no_grad():
