@@ -102,6 +102,7 @@ def _diagnose(cfg: Params, spec: RunSpec, force: bool, any_identity: bool) -> li
               "metrics": result["metrics"], "warmup_steps": train_cfg.warmup_steps}
     findings = run_all(pd.DataFrame.from_records(logs), extras, run=spec.name())
     result.update({"run": spec.name(), "run_dir": str(spec.dir), "config": config,
+                   "baselines": references["baselines"],
                    "run_identity": state["identity"], "identity": identity,
                    "health": [f.to_dict() for f in findings]})
     io.write_json(spec.diagnostics, result)

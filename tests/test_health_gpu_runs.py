@@ -68,3 +68,42 @@ def test_an_unstable_held_out_batch_is_a_warning(row: str) -> None:
     assert "on 1 held-out batch at the final weights" in found.message
     assert "averages them in" in found.message and "stable held-out" not in found.message
     assert "cosine checkpoints" not in found.message
+
+
+FF7C04E = Path(__file__).parents[1] / "reports" / "gpu-short" / "ff7c04e" / "runs"
+
+
+def with_ngram_baselines(row: str) -> list:
+    """ff7c04e's findings for ``row`` (all four rows, reports/gpu-short/ff7c04e) judged against
+    the n-gram baselines of ``baselines.language_model`` recomputed on the same corpus split
+    (tests/data/gpu_short_ff7c04e/ngram_baselines.json); the row's own untrained-net baseline
+    stays as its calibration measured it."""
+    d = FF7C04E / f"eqt_lm_{row}_seed0"
+    extras = calibration_extras(json.loads((d / "calibration.json").read_text()))
+    ngrams = json.loads((RUNS.parent / "gpu_short_ff7c04e" / "ngram_baselines.json").read_text())
+    assert ngrams["chance"] == pytest.approx(extras["chance"])  # the same vocabulary (ln 85)
+    extras["baselines"] = [*ngrams["baselines"],
+                           *(b for b in extras["baselines"] if b["name"] == "untrained")]
+    extras["metrics"] = json.loads((d / "diagnostics.json").read_text())["metrics"]
+    extras["warmup_steps"] = 200
+    return run_all(pd.DataFrame.from_records(read_logs(d)), extras, run=f"eqt_lm/{row}/seed0")
+
+
+@pytest.mark.parametrize(("row", "val"), [("bptt", 2.5025), ("ep", 2.5080), ("ep_noaep", 2.5693)])
+def test_equilibrium_rows_at_ff7c04e_learn_no_context(row: str, val: float) -> None:
+    """The 2k-step protocol's equilibrium rows ended 0.03-0.04 nats under a character bigram
+    (2.541) and 0.48 above the trigram (2.028): an error that names the row and both numbers;
+    EP without AEP was above the bigram itself."""
+    found = [f for f in with_ngram_baselines(row) if f.detector == "learns_nothing"]
+    assert len(found) == 1 and found[0].severity == Severity.ERROR
+    f = found[0]
+    assert f.run == f"eqt_lm/{row}/seed0"
+    assert f.message.startswith(f"learns no context: held-out final_val_loss {val:.4g} against "
+                                "the bigram's 2.541")
+    assert f.evidence["context_baseline"] == pytest.approx(2.5415, abs=1e-4)
+    assert f.evidence["value"] == pytest.approx(val, abs=1e-4)
+
+
+def test_bp_row_at_ff7c04e_learns_context() -> None:
+    """BP's transformer (1.676) is below every n-gram: learns_nothing is silent on it."""
+    assert not [f for f in with_ngram_baselines("bp") if f.detector == "learns_nothing"]

@@ -1,6 +1,7 @@
 """False positives on eqt_lm's reference rows: every detector is silent (nothing of warning or
 worse) on the BPTT control and on the BP transformer baseline, trained and diagnosed by the
-pipeline's own stages at a CPU-sized config (same settings as test_health_ep_converged.py)."""
+pipeline's own stages at a CPU-sized config (same settings as test_health_ep_converged.py), but
+for the true "learns no context" of so small a budget (see there)."""
 
 from __future__ import annotations
 

@@ -71,6 +71,28 @@ def test_learns_nothing_must_beat_and_floor() -> None:
     assert learns_nothing({"test_accuracy": 0.60}, [acc]) == []
 
 
+def test_learns_no_context_against_the_bigram_margin() -> None:
+    """Shakespeare char-level n-grams (unigram 3.329, bigram 2.541, trigram 2.028; margin a
+    quarter of the bigram-trigram gap, 0.128): a row 0.04 under the bigram learns no context
+    though it is many SE better; one 0.2 under it passes; one above the unigram learns nothing
+    at all (no "context" head); the trigram is never judged."""
+    refs = [Baseline("constant", "final_val_loss", 3.329, 0.0016, False),
+            Baseline("bigram", "final_val_loss", 2.541, 0.0018, False, context=True,
+                     margin=0.128),
+            Baseline("trigram", "final_val_loss", 2.028, 0.002, False, must_beat=False,
+                     judged=False)]
+    (f,) = learns_nothing({"final_val_loss": 2.503}, refs)
+    assert f.severity == Severity.ERROR
+    assert f.message.startswith("learns no context: held-out final_val_loss 2.503 against the "
+                                "bigram's 2.541")
+    assert "needed 0.128" in f.message and f.evidence["context_baseline"] == 2.541
+    assert learns_nothing({"final_val_loss": 2.34}, refs) == []  # between bigram and trigram
+    (g,) = learns_nothing({"final_val_loss": 3.4}, refs)
+    assert g.message.startswith("held-out final_val_loss 3.4 is worse than the constant")
+    assert "bigram" in g.message and "context_baseline" not in g.evidence
+    assert learns_nothing({"final_val_loss": 2.2}, refs[2:]) == []
+
+
 def test_settling_at_cap_warning_on_most_error_on_all() -> None:
     res = [0.02, 0.027, 0.025, 0.021]
     trace = pd.DataFrame({"step": range(4), "residual": res, "settle_iters": [66] * 4,

@@ -8,6 +8,8 @@ equilibrium-propagation rules need J v and J^T v of the same function that the B
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -124,3 +126,18 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.normal_(module.weight, mean=0.0, std=0.02)
     if isinstance(module, nn.Linear) and module.bias is not None:
         nn.init.zeros_(module.bias)
+
+
+@contextmanager
+def attention_off(model: nn.Module) -> Iterator[None]:
+    """Inside the block, every ``CausalSelfAttention`` of ``model`` outputs zeros: what the model
+    predicts from the current token (and its position) alone. For the equilibrium LM the fixed
+    point is relaxed again without the attention branch. The gap to the full model's held-out CE
+    is how much of it comes from context (``eqt_lm`` diagnose: ``context_gain``)."""
+    handles = [m.register_forward_hook(lambda _m, _i, out: torch.zeros_like(out))
+               for m in model.modules() if isinstance(m, CausalSelfAttention)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

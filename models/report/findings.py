@@ -15,7 +15,7 @@ from models.config import Params, fingerprint
 from models.dag import curve_file
 from models.pipeline import REPORTS, RunSpec, diagnose_identity, run_identity
 from models.report.plots import curves_plot
-from models.report.tables import markdown_table, metrics_frame, summarise
+from models.report.tables import markdown_table, metrics_frame, reference_rows, summarise
 from models.studies import get_study, study_datasets
 from models.training.segments import read_logs
 
@@ -139,8 +139,16 @@ def _study_section(study: Any, runs: list[RunSpec], diagnostics: dict[RunSpec, d
     stale_rows = {s.row for s in runs if s in stale}
     table_marks = {row: marks.get(row, "") + (" †" if row in stale_rows else "")
                    for row in set(marks) | stale_rows}
-    lines = [f"## {study.title}", "", scale, "", markdown_table(summary, columns, table_marks),
-             ""]
+    refs = reference_rows([diagnostics[s] for s in runs], columns,
+                          f"`{runs[0].calibration}`")
+    lines = [f"## {study.title}", "", scale, "",
+             "\n".join([markdown_table(summary, columns, table_marks), *refs]), ""]
+    if refs:
+        lines += ["*Italic* rows: count-based n-gram models on the same tokens (interpolated "
+                  "Kneser-Ney; counted on the training split, scored on the held-out one at "
+                  "calibration), with their standard error over held-out tokens in place of a "
+                  "spread over seeds. A language model no better than the bigram has learned no "
+                  "context (health: learns_nothing).", ""]
     if marks:
         lines += [MARK_LEGEND, ""]
     if stale_rows:

@@ -58,3 +58,25 @@ def markdown_table(summary: pd.DataFrame, columns: list[tuple[str, str]],
         cells.append(str(n))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def reference_rows(diagnostics: list[dict[str, Any]], columns: list[tuple[str, str]],
+                   calibration_of: str) -> list[str]:
+    """Table rows for the baselines marked ``table`` (a language model's n-gram counts) that the
+    runs were judged against, measured once on the study's data at calibration: the value and
+    its standard error over held-out tokens (not a spread over seeds), in the column of the
+    baseline's metric (a held-out CE also under the best-CE column: a count model has no
+    training curve). ``calibration_of`` names the file the numbers come from."""
+    seen: dict[str, dict[str, Any]] = {}
+    for d in diagnostics:
+        for b in d.get("baselines", []):
+            if b.get("table"):
+                seen.setdefault(b["name"], b)
+    lines = []
+    for b in seen.values():
+        keys = {b["metric"]} | ({"best_val_loss"} if b["metric"] == "final_val_loss" else set())
+        cells = [f"*{b.get('label', b['name'])}*"]
+        cells += [f"{b['value']:.3f} (SE {b['se']:.3f})" if key in keys else "–"
+                  for key, _ in columns]
+        lines.append("| " + " | ".join([*cells, f"ref ({calibration_of})"]) + " |")
+    return lines

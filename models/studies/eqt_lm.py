@@ -40,7 +40,7 @@ from models.eqt.fast import FastEQ
 from models.eqt.model import EqShape, EquilibriumLM, gradients
 from models.eqt.relax import RelaxResult
 from models.eqt.stabilisers import JacregController
-from models.nets.transformer import TransformerLM, TransformerShape
+from models.nets.transformer import TransformerLM, TransformerShape, attention_off
 from models.pipeline import RunSpec, tokens_dir
 from models.studies import baselines
 from models.training import rng
@@ -297,8 +297,8 @@ class EqtLMStudy:
     name = "eqt_lm"
     title = "eqt-lm: language modelling, BP transformer vs equilibrium propagation"
     columns = (("best_val_loss", "best val CE"), ("final_val_loss", "final val CE"),
-               ("residual", "final residual"), ("cos_bptt", "cos to BPTT"),
-               ("cos_implicit", "cos to implicit"),
+               ("context_gain", "CE gain from attention"), ("residual", "final residual"),
+               ("cos_bptt", "cos to BPTT"), ("cos_implicit", "cos to implicit"),
                ("ms_per_step", "ms/step"), ("peak_mem_mb", "peak MB"))
     plots = (("val_loss", "validation cross-entropy"), ("loss", "training loss"),
              ("cos/global", "cos(g_rule, g_BPTT) during training"))
@@ -355,26 +355,35 @@ class EqtLMStudy:
 
     def diagnose(self, params: Params, spec: RunSpec, trainer: Trainer,
                  device: torch.device) -> dict[str, Any]:
-        """Held-out CE on more windows than during training, entropy, samples; for equilibrium
-        rows also the gradient-quality and operator diagnostics of METHODS §2."""
+        """Held-out CE on more windows than during training, entropy, samples, and the CE with
+        attention off (``val_loss_no_attention``; ``context_gain`` = it minus the CE on the same
+        windows: what context adds, ~0 for a model that predicts from the current token alone);
+        for equilibrium rows also the gradient-quality and operator diagnostics of METHODS §2."""
         codec = load_codec(tokens_dir() / "tokenizer.json")
         model = trainer.ema.averaged(trainer.model).eval()
         stream = Windows(val_tokens(), model.shape.block_size, trainer.cfg.batch_size,  # type: ignore[arg-type]
                          EVAL_SEED + 1, device)
-        ce, ent = [], []
+        ce, ent, held_out = [], [], [stream.next() for _ in range(2 * trainer.cfg.eval_batches)]
         with torch.no_grad():
-            for _ in range(2 * trainer.cfg.eval_batches):
-                x, y = stream.next()
+            for x, y in held_out:
                 logits = model(x)
                 ce.append(F.cross_entropy(logits.flatten(0, 1), y.flatten()).item())
                 logp = logits.log_softmax(-1)
                 ent.append(-(logp.exp() * logp).sum(-1).mean().item())
+            # what the model predicts without context: attention off (the equilibrium relaxed
+            # again without it) on the first half of the same windows
+            with attention_off(model):
+                ce_off = [F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
+                          for x, y in held_out[:trainer.cfg.eval_batches]]
+            ce_on = float(np.mean(ce[:trainer.cfg.eval_batches]))
             samples = [codec.decode(sample(model, codec.encode(prompt), 80, device, seed=i))
                        for i, prompt in enumerate(["Once upon a time", "Question: How many"])]
         model.train()
         result: dict[str, Any] = {
             "metrics": {"val_loss": float(np.mean(ce)), "pred_entropy": float(np.mean(ent)),
-                        "ln_vocab": math.log(codec.vocab_size)},
+                        "ln_vocab": math.log(codec.vocab_size),
+                        "val_loss_no_attention": float(np.mean(ce_off)),
+                        "context_gain": float(np.mean(ce_off)) - ce_on},
             "samples": samples, "extras": {"vocab_size": codec.vocab_size}}
         if isinstance(trainer.rule, Equilibrium):
             _diagnose_eq(trainer, device, result)
