@@ -192,6 +192,13 @@ def nudged_contrast(model: EquilibriumLM, idx: torch.Tensor, targets: torch.Tens
         f = force(z, x_in) - beta_b * scale * model.ce_grad_z(z, tgt)
         if cfg.aep == "fixed":
             f = f - _correction(interaction, star_k, z - star_k)
+        elif cfg.aep == "tracking" and k == 2 and not holo:
+            # two real phases: z_+ - zbar = -(z_- - zbar) = d, and (J - J^T) is linear, so one
+            # jvp and one vjp at zbar on B rows give both phases' corrections (+c, -c)
+            z_p, z_m = z.chunk(2)
+            zbar = 0.5 * (z_p + z_m)
+            c = _correction(interaction, zbar, z_p - zbar)
+            f = f - torch.cat([c, -c])
         elif cfg.aep == "tracking":
             zbar = z.unflatten(0, (k, -1)).mean(0)
             zbar = (zbar.real if holo else zbar).repeat(k, 1, 1)
