@@ -106,7 +106,7 @@ def test_live_guard_stops_the_diverging_segment(diverged: tuple[Path, dict], tmp
     fp = run_identity(validate_params(p), SPEC)  # live_guard is not part of it
     SPEC.ckpt(1).unlink()
     SPEC.log(1).unlink()
-    with pytest.raises(GuardStop, match="worse_than_chance|runaway_norms") as err:
+    with pytest.raises(GuardStop, match="worse_than_chance|runaway_norms|non_finite") as err:
         train.main.__wrapped__(study="eqt_lm", row="ep", seed=0, segment=1,  # type: ignore[attr-defined]
                                params=hr.PARAMS)
     assert str(SPEC.ckpt(0)) in str(err.value) and "segment 1" in str(err.value)

@@ -152,7 +152,7 @@ def test_dvc_reruns_exactly_what_changed_and_compares_experiments(two_study_proj
 
     _sh("git", "add", "-A")
     _sh(*git, "commit", "-qm", "edits")
-    _sh(dvc, "exp", "run", "-S", "studies.eqt_lm.train.lr=0.002")
+    _sh(dvc, "exp", "run", "-S", "studies.eqt_lm.rules.bp.train.lr=0.002")
     shown = json.loads(_sh(dvc, "exp", "show", "--json", stdout_only=True))
     values = dict(_best_val_losses(shown))
     assert len(values) >= 2 and all(isinstance(v, float) for v in values.values()), values
