@@ -16,20 +16,23 @@ from models.data.stories import generate_corpus
 from models.errors import DataError
 
 
+def _generated(cfg: TextDataConfig) -> tuple[str, dict[str, str]]:
+    return generate_corpus(cfg.stories, cfg.seed), {
+        "source": "generated", "stories": str(cfg.stories), "seed": str(cfg.seed)}
+
+
 def load_text(cfg: TextDataConfig, cache_dir: Path) -> tuple[str, dict[str, str]]:
     """Return the raw corpus and provenance (source, path/url, sha256)."""
     if cfg.source == "generated":
-        text = generate_corpus(cfg.stories, cfg.seed)
-        return text, {"source": "generated", "stories": str(cfg.stories), "seed": str(cfg.seed)}
+        return _generated(cfg)
     if cfg.source == "file":
         path = Path(cfg.path or "")
         if not path.is_file() and cfg.fallback == "generated":
             print(f"prepare: warning: data.text.path {path} not found; using the generated "
                   f"corpus instead (data.text.fallback: generated). `make corpus` fetches the "
                   "default one.", file=sys.stderr)
-            text = generate_corpus(cfg.stories, cfg.seed)
-            return text, {"source": "generated", "stories": str(cfg.stories),
-                          "seed": str(cfg.seed), "fallback_for": str(path)}
+            text, meta = _generated(cfg)
+            return text, {**meta, "fallback_for": str(path)}
         if not path.is_file():
             raise DataError(f"data.text.path: file not found: {path}")
         _verify(path, cfg.sha256 or "", "data.text.path")
