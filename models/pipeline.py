@@ -24,85 +24,26 @@ same identity; a changed identity retrains from segment 0 under both front-ends,
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from models.config import Params, fingerprint
 from models.config.train import TrainConfig
 from models.identity import files_hash, stage_code
+from models.paths import (  # noqa: F401  (re-exported: the stages' one vocabulary)
+    DATA,
+    REPORTS,
+    RUNS,
+    STAGE_DIRS,
+    RunSpec,
+    calibration_file,
+    dataset_files,
+    mnist1d_file,
+    study_dir,
+    text_dir,
+    tokens_dir,
+)
 from models.studies import STUDIES, study_datasets
-
-DATA = Path("data")
-RUNS = Path("runs")
-REPORTS = Path("reports")
-STAGE_DIRS = ("calibration", "train", "diagnostics")
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    study: str
-    row: str
-    seed: int
-
-    @property
-    def dir(self) -> Path:
-        """The run directory: checkpoints and logs (self-contained, can be copied elsewhere)."""
-        return RUNS / self.study / "train" / self.row / f"seed{self.seed}"
-
-    @property
-    def calibration(self) -> Path:
-        return calibration_file(self.study, self.row)
-
-    @property
-    def ckpt_dir(self) -> Path:
-        return self.dir / "ckpt"
-
-    @property
-    def log_dir(self) -> Path:
-        return self.dir / "log"
-
-    def ckpt(self, index: int) -> Path:
-        return self.ckpt_dir / f"seg{index:04d}.pt"
-
-    def log(self, index: int) -> Path:
-        return self.log_dir / f"seg{index:04d}.jsonl"
-
-    @property
-    def diagnostics(self) -> Path:
-        return RUNS / self.study / "diagnostics" / self.row / f"seed{self.seed}.json"
-
-    def name(self) -> str:
-        return f"{self.study}/{self.row}/seed{self.seed}"
-
-
-def study_dir(study: str, stage: str) -> Path:
-    """runs/<study>/<stage> for stage in calibration, train, diagnostics."""
-    return RUNS / study / stage
-
-
-def calibration_file(study: str, row: str) -> Path:
-    return study_dir(study, "calibration") / f"{row}.json"
-
-
-def text_dir() -> Path:
-    return DATA / "text"
-
-
-def tokens_dir() -> Path:
-    return DATA / "tokens"
-
-
-def mnist1d_file() -> Path:
-    return DATA / "mnist1d" / "data.npz"
-
-
-def dataset_files(dataset: str) -> list[Path]:
-    """The prepared files of a dataset a study reads (what its identity hashes)."""
-    return {
-        "tokens": [tokens_dir() / n for n in ("meta.json", "tokenizer.json", "train.bin", "val.bin")],
-        "mnist1d": [mnist1d_file()],
-    }[dataset]
 
 
 def study_data(study: str) -> list[Path]:

@@ -1,7 +1,7 @@
 """The fast EP/BPTT step (``models.eqt.fast``) against the eager rules, and the fp32 nudge fix.
 
 CPU tests run the fast path's functions eagerly (no graphs, no compile) in float64, where they
-must agree with ``models.eqt.model.gradients`` to rounding; the CUDA test checks the graphed,
+must agree with ``models.eqt.step.gradients`` to rounding; the CUDA test checks the graphed,
 compiled path against the eager fp32 path at the tolerances of the GPU-speed issue.
 """
 
@@ -16,7 +16,8 @@ from models.eqt.diagnostics import cosine, grad_cosines
 from models.eqt.ep import ep_gradients
 from models.eqt.fast import FastEQ
 from models.eqt.implicit import ImplicitConfig, implicit_gradients
-from models.eqt.model import EqShape, EquilibriumLM, gradients
+from models.eqt.model import EqShape, EquilibriumLM
+from models.eqt.step import gradients
 from models.eqt.relax import RelaxConfig
 from models.eqt.stabilisers import JacregController
 from models.eqt.thick_ops import ThickOps

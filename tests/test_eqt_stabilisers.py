@@ -11,7 +11,8 @@ from torch.func import jvp
 from models.config.eqt import EPRule, NudgeConfig, StabiliserConfig
 from models.eqt.calibration import calibrate
 from models.eqt.diagnostics import fingerprint, numerical_abscissa, self_coherence
-from models.eqt.model import EqShape, EquilibriumLM, gradients
+from models.eqt.model import EqShape, EquilibriumLM
+from models.eqt.step import gradients
 from models.eqt.relax import RelaxConfig
 from models.eqt.stabilisers import (
     JacregController,

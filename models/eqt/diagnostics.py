@@ -19,7 +19,8 @@ from torch.func import jvp, vjp
 from models.eqt.block import param_group
 
 if TYPE_CHECKING:
-    from models.eqt.model import EquilibriumLM, RuleConfig
+    from models.eqt.model import EquilibriumLM
+    from models.eqt.step import RuleConfig
 
 Grads = Mapping[str, torch.Tensor]
 
@@ -99,7 +100,7 @@ def fingerprint(model: EquilibriumLM, idx: torch.Tensor, targets: torch.Tensor,
                 val: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
     """The log's 4-number operator fingerprint: residual, cos(rule, BPTT), abscissa, val CE."""
     from models.eqt.bptt import bptt_gradients
-    from models.eqt.model import gradients
+    from models.eqt.step import gradients
 
     g, stats = gradients(model, idx, targets, rule_cfg)
     g_ref, _, _ = bptt_gradients(model, idx, targets)

@@ -110,7 +110,7 @@ class FastEQ:
 
     Graphs are built lazily per (batch shape, rule config) and read the model's parameters in
     place, so optimizer steps (in-place updates) are seen by every replay. ``gradients`` has the
-    contract of ``models.eqt.model.gradients``.
+    contract of ``models.eqt.step.gradients``.
     """
 
     def __init__(self, model: EquilibriumLM, cfg: FastConfig | None = None) -> None:
@@ -650,7 +650,7 @@ class FastEQ:
     def gradients(self, idx: torch.Tensor, targets: torch.Tensor, rule_cfg: BPTTRule | EPRule,
                   controller: JacregController | None = None,
                   ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        """``models.eqt.model.gradients`` on the fast path (same stats keys)."""
+        """``models.eqt.step.gradients`` on the fast path (same stats keys)."""
         if not self.supports(rule_cfg):
             raise ValueError(f"the fast path does not support {rule_cfg!r}")
         stab = rule_cfg.stab

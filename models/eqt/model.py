@@ -1,4 +1,5 @@
-"""``EquilibriumLM``: embeddings + one equilibrium block + linear head, and the rule dispatcher.
+"""``EquilibriumLM``: embeddings + one equilibrium block + linear head (the rules that train it
+live in their own modules; ``models.eqt.step`` is one training step of any of them).
 
 Readout: logits = z* W_h with no final LayerNorm, as in log 003 (eq. thick and ONBOARDING §2:
 "readout logits = z*.W_h"). A final LN would make the loss depend on z only through LN(z) and
@@ -15,12 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.config.eqt import BPTTRule, EPRule
-from models.eqt import bptt, ep, implicit, stabilisers
 from models.eqt.block import ConservativeBlock, ThickBlock
 from models.eqt.relax import RelaxConfig, RelaxResult, relax
-
-RuleConfig = BPTTRule | EPRule | implicit.ImplicitConfig
 
 
 @dataclass(frozen=True)
@@ -111,40 +108,3 @@ class EquilibriumLM(nn.Module):
         if not torch.isfinite(z).all():
             return torch.tensor(math.inf, device=idx.device)
         return self.ce(z, targets)
-
-
-def gradients(model: EquilibriumLM, idx: torch.Tensor, targets: torch.Tensor,
-              rule_cfg: RuleConfig,
-              controller: stabilisers.JacregController | None = None,
-              ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Parameter gradients of one training step for ``rule_cfg`` (BPTT, implicit or EP).
-
-    Task gradient from the rule, plus the stabilisers of ``rule_cfg.stab``: jacreg with the
-    controller's lambda (the controller is then updated with this step's residual), resreg, and
-    the validity gate (res > gate: no task gradient, stabilisers only). The caller sets
-    ``p.grad = grads[name]`` and steps its optimizer.
-    """
-    stab = rule_cfg.stab
-    if isinstance(rule_cfg, BPTTRule):
-        task, stats, free = bptt.bptt_gradients(model, idx, targets)
-    else:
-        free = model.free_phase(idx)
-        gate_shut = stab.gate is not None and not free.residual <= stab.gate
-        if gate_shut:
-            task = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
-            stats = {"residual": free.residual, "settle_iters": float(free.steps)}
-        elif isinstance(rule_cfg, EPRule):
-            task, stats = ep.ep_gradients(model, idx, targets, rule_cfg.nudge, free)
-        else:
-            task, stats = implicit.implicit_gradients(model, idx, targets, rule_cfg, free)
-        stats["gate_skipped"] = float(gate_shut)
-    lam = controller.lam if controller is not None else stab.jacreg
-    extra, extra_stats = stabilisers.stabiliser_gradients(model, idx, free, stab, lam)
-    stats.update(extra_stats)
-    if controller is not None:
-        controller.update(free.residual_t1 if stab.control == "t1" else free.residual,
-                          stats.get("a_tail_head"))
-    stats["residual_t1"] = free.residual_t1
-    grads = {n: task[n] + extra[n] if n in extra else task[n] for n in task}
-    stats["grad/global"] = float(torch.sqrt(sum(g.pow(2).sum() for g in grads.values())))
-    return grads, stats

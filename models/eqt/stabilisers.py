@@ -10,7 +10,7 @@
   detached, so only theta (incl. the embeddings through x_in) is pushed to shrink the residual
   that evaluation actually sees.
 - validity gate: when res > gate the task update is skipped and only the stabilisers apply
-  (applied in ``models.eqt.model.gradients``).
+  (applied in ``models.eqt.step.gradients``).
 """
 
 from __future__ import annotations

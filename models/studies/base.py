@@ -8,7 +8,7 @@ if TYPE_CHECKING:  # annotations only: the registry (models.studies) stays free 
     import torch
 
     from models.config import Params
-    from models.pipeline import RunSpec
+    from models.paths import RunSpec
 
 
 class Trainable(Protocol):

@@ -37,9 +37,10 @@ from models.eqt import ep as eqt_ep
 from models.eqt import implicit as eqt_implicit
 from models.eqt.calibration import calibrate as calibrate_relax
 from models.eqt.fast import FastEQ
-from models.eqt.model import EqShape, EquilibriumLM, gradients
+from models.eqt.model import EqShape, EquilibriumLM
 from models.eqt.relax import RelaxResult
 from models.eqt.stabilisers import JacregController
+from models.eqt.step import gradients
 from models.nets.transformer import TransformerLM, TransformerShape, attention_off
 from models.pipeline import RunSpec, tokens_dir
 from models.studies import baselines
@@ -90,7 +91,7 @@ def eq_model(model_cfg: LMModelConfig, rule: EqRule, relax: RelaxConfig) -> Equi
 
 class Equilibrium(LearningRule):
     """A ``bptt`` or ``ep`` row (METHODS §2): the rule's gradient on the equilibrium LM with its
-    stabilisers and the jacreg controller in the loop (``models.eqt.model.gradients``, or the
+    stabilisers and the jacreg controller in the loop (``models.eqt.step.gradients``, or the
     fast GPU step of ``models.eqt.fast`` when asked for and available); every ``cos_every``
     steps of an EP row, first the cosine of its task gradient to BPTT's on the step's batch.
 

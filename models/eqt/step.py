@@ -1,0 +1,53 @@
+"""One training step of an equilibrium rule: the rule's task gradient, the stabilisers, the
+validity gate and the jacreg controller, in that order (METHODS §2, "Equilibrium").
+
+Apart from ``models.eqt.model`` so that the model knows no rule and the rule modules (``bptt``,
+``ep``, ``implicit``) can name the model without an import cycle.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from models.config.eqt import BPTTRule, EPRule
+from models.eqt import bptt, ep, implicit, stabilisers
+from models.eqt.model import EquilibriumLM
+
+RuleConfig = BPTTRule | EPRule | implicit.ImplicitConfig
+
+
+def gradients(model: EquilibriumLM, idx: torch.Tensor, targets: torch.Tensor,
+              rule_cfg: RuleConfig,
+              controller: stabilisers.JacregController | None = None,
+              ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Parameter gradients of one training step for ``rule_cfg`` (BPTT, implicit or EP).
+
+    Task gradient from the rule, plus the stabilisers of ``rule_cfg.stab``: jacreg with the
+    controller's lambda (the controller is then updated with this step's residual), resreg, and
+    the validity gate (res > gate: no task gradient, stabilisers only). The caller sets
+    ``p.grad = grads[name]`` and steps its optimizer.
+    """
+    stab = rule_cfg.stab
+    if isinstance(rule_cfg, BPTTRule):
+        task, stats, free = bptt.bptt_gradients(model, idx, targets)
+    else:
+        free = model.free_phase(idx)
+        gate_shut = stab.gate is not None and not free.residual <= stab.gate
+        if gate_shut:
+            task = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+            stats = {"residual": free.residual, "settle_iters": float(free.steps)}
+        elif isinstance(rule_cfg, EPRule):
+            task, stats = ep.ep_gradients(model, idx, targets, rule_cfg.nudge, free)
+        else:
+            task, stats = implicit.implicit_gradients(model, idx, targets, rule_cfg, free)
+        stats["gate_skipped"] = float(gate_shut)
+    lam = controller.lam if controller is not None else stab.jacreg
+    extra, extra_stats = stabilisers.stabiliser_gradients(model, idx, free, stab, lam)
+    stats.update(extra_stats)
+    if controller is not None:
+        controller.update(free.residual_t1 if stab.control == "t1" else free.residual,
+                          stats.get("a_tail_head"))
+    stats["residual_t1"] = free.residual_t1
+    grads = {n: task[n] + extra[n] if n in extra else task[n] for n in task}
+    stats["grad/global"] = float(torch.sqrt(sum(g.pow(2).sum() for g in grads.values())))
+    return grads, stats
