@@ -2,11 +2,17 @@
 hashes of files, so a run's identity can name its code, calibration and data.
 
 The code a stage depends on is derived, never listed by hand: the static import graph of the
-stage's module (and, for per-study stages, the study's module) restricted to this project's
-packages. Imports are read with ``ast`` (no module is executed), so computing it costs
-milliseconds and imports neither torch nor the library. Every package ``__init__.py`` on the way
-counts, since Python runs it. ``models.studies`` loads each study lazily (``importlib``), so a
-study's stages depend on that study's code only.
+stage's module (and, for per-study stages, the study's module and the modules of the row kinds
+asked for, ``models.studies.row_modules``) restricted to this project's packages. Imports are
+read with ``ast`` (no module is executed), so computing it costs milliseconds and imports neither
+torch nor the library. Every package ``__init__.py`` on the way counts, since Python runs it.
+``models.studies`` loads each study lazily (``importlib``), so a study's stages depend on that
+study's code only, and a study loads a row kind's module the same way, so a run depends on its
+own row's code only.
+
+What the code *means* is hashed, not its bytes (``code_hash``): a Python file counts by its syntax
+tree with the docstrings taken out, so an edit to a comment, a docstring or the layout retrains
+nothing, while any change to what runs does.
 """
 
 from __future__ import annotations
@@ -90,9 +96,15 @@ def closure(modules: tuple[str, ...], root: Path = ROOT) -> tuple[str, ...]:
     return tuple(sorted({str(p.relative_to(root)) for p in seen.values()}))
 
 
-def stage_code(stage: str, study: str | None = None, root: Path = ROOT) -> list[str]:
-    """The source files behind ``python -m stages.<stage> [--study <study>]``."""
-    modules = (f"stages.{stage}",) + ((f"models.studies.{study}",) if study else ())
+def stage_code(stage: str, study: str | None = None, kinds: tuple[str, ...] | None = None,
+               root: Path = ROOT) -> list[str]:
+    """The source files behind ``python -m stages.<stage> [--study <study>]`` for rows of
+    ``kinds`` (None: of every kind the study has; what a stage over all its rows may run)."""
+    modules: tuple[str, ...] = (f"stages.{stage}",)
+    if study:
+        from models.studies import row_modules  # the registry: torch-free, as this module
+
+        modules += (f"models.studies.{study}", *row_modules(study, kinds))
     return list(closure(modules, root))
 
 
@@ -123,6 +135,31 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(CHUNK), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def source_digest(path: Path) -> str:
+    """sha256 of what a source file means: for Python its syntax tree without docstrings
+    (comments and layout never reach the tree), other files byte for byte."""
+    if path.suffix != ".py":
+        return file_sha256(path)
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+                and body and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return hashlib.sha256(ast.dump(tree, include_attributes=False).encode()).hexdigest()
+
+
+def code_hash(paths: Iterable[str | Path], root: Path = ROOT) -> str:
+    """One short hash over the names and meaning (``source_digest``) of source files."""
+    digest = hashlib.sha256()
+    for rel in sorted(str(p) for p in paths):
+        path = root / rel
+        digest.update(rel.encode() + b"\0")
+        digest.update(source_digest(path).encode() if path.is_file() else b"<missing>")
+    return digest.hexdigest()[:16]
 
 
 def files_hash(paths: Iterable[str | Path], root: Path = Path(".")) -> str:

@@ -15,8 +15,9 @@ Each study owns ``runs/<study>/{calibration,train,diagnostics}``: one directory 
 tracks a study's stage as one output and a profile may change the rows and seeds freely.
 
 **Identity.** A run's identity is its resolved training config (less ``steps`` and the
-evaluation-only settings), the hash of the source of every module training imports
-(``models.identity``), its calibration file and its data. A checkpoint is resumed only under the
+evaluation-only settings), the hash of what the code its row trains with means (the stage, the
+study and the row kind's module with everything they import, docstrings and comments left out:
+``models.identity``), its calibration file and its data. A checkpoint is resumed only under the
 same identity; a changed identity retrains from segment 0 under both front-ends, and raising
 ``steps`` keeps every finished segment.
 """
@@ -29,7 +30,7 @@ from typing import Any
 
 from models.config import Params, fingerprint
 from models.config.train import TrainConfig
-from models.identity import files_hash, stage_code
+from models.identity import ROOT, code_hash, files_hash, stage_code
 from models.paths import (  # noqa: F401  (re-exported: the stages' one vocabulary)
     DATA,
     REPORTS,
@@ -114,17 +115,37 @@ def calibration_fingerprint(params: Params, study: str, row: str) -> str:
     return fingerprint(cfg)
 
 
+def row_code(params: Params, stage: str, study: str, row: str) -> list[str]:
+    """The source files ``stage`` runs for one row: the stage, the study and the row's kind's
+    module, with everything they import (``models.identity.stage_code``)."""
+    return stage_code(stage, study, (params.study(study).row_rule(row).kind,))
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_code_hash(paths: tuple[str, ...], stamp: tuple[tuple[int, int], ...]) -> str:
+    return code_hash(paths)
+
+
+def source_hash(paths: list[str]) -> str:
+    """``code_hash`` (what the code means, not its bytes) memoised on (size, mtime)."""
+    names = tuple(sorted(paths))
+    files = [ROOT / n for n in names]
+    stamp = tuple((f.stat().st_size, f.stat().st_mtime_ns) if f.is_file() else (-1, -1)
+                  for f in files)
+    return _cached_code_hash(names, stamp)
+
+
 def calibration_identity(params: Params, study: str, row: str) -> dict[str, str]:
     """What a calibration file is made of."""
     return {"config": calibration_fingerprint(params, study, row),
-            "code": content_hash(stage_code("calibrate", study)),
+            "code": source_hash(row_code(params, "calibrate", study, row)),
             "data": content_hash(study_data(study))}
 
 
 def run_identity(params: Params, spec: RunSpec) -> dict[str, str]:
     """What a checkpoint is made of; resume only under an equal identity (see module doc)."""
     return {"config": training_fingerprint(params, spec),
-            "code": content_hash(stage_code("train", spec.study)),
+            "code": source_hash(row_code(params, "train", spec.study, spec.row)),
             "calibration": content_hash([spec.calibration]),
             "data": content_hash(study_data(spec.study))}
 
@@ -135,7 +156,7 @@ def diagnose_identity(params: Params, spec: RunSpec, last_ckpt: Path) -> dict[st
     return {"checkpoint": content_hash([last_ckpt]),
             "config": fingerprint({"run": run_config(params, spec),
                                    "health": params.health.model_dump()}),
-            "code": content_hash(stage_code("diagnose", spec.study))}
+            "code": source_hash(row_code(params, "diagnose", spec.study, spec.row))}
 
 
 def report_code() -> list[str]:

@@ -98,7 +98,8 @@ def _run_missing(cfg: Params, spec: RunSpec, params: Path) -> None:
 
 def _drop_from(spec: RunSpec, index: int) -> None:
     """Segments from an invalid one on were made from other state: remove them."""
-    for path in [*spec.ckpt_dir.glob("seg*.pt"), *spec.log_dir.glob("seg*.jsonl")]:
+    for path in [*spec.ckpt_dir.glob("seg*.pt"), *spec.ckpt_dir.glob("seg*.json"),
+                 *spec.log_dir.glob("seg*.jsonl")]:
         if int(path.stem[3:]) >= index:
             path.unlink()
 

@@ -321,7 +321,7 @@ def test_cosine_reference_at_an_unstable_fixed_point_is_the_t1_unroll() -> None:
     (logged as cos_implicit/*). Where z* is stable, the converged unroll (test above)."""
     from models.config.eqt import EPRule
     from models.eqt.relax import RelaxResult
-    from models.studies.eqt_lm import Equilibrium, reference_cosines
+    from models.studies.eqt_lm.equilibrium import Equilibrium, reference_cosines
 
     model, idx, tgt, (z, _) = _unstable_fixed_point()
     rule = Equilibrium(model, EPRule(), torch.device("cpu"))
@@ -379,7 +379,7 @@ def test_held_out_cosines_average_the_implicit_gradient_over_stable_batches_only
     batches whose z* is stable (where it is the converged unroll's limit). An unstable batch is
     counted, with its own cosine to the implicit gradient, and a batch without an implicit
     gradient is in neither."""
-    from models.studies.eqt_lm import held_out_cosines
+    from models.studies.eqt_lm.equilibrium import held_out_cosines
 
     def row(cos: float, imp: float | None, unstable: float) -> dict[str, float]:
         out = {"cos/global": cos, "cos/attn.q": cos, "cos_t1/global": cos - 0.1,

@@ -103,7 +103,7 @@ def test_equilibrium_rule_on_the_fast_engine_trains_like_the_eager_path() -> Non
     from models.config import TrainConfig
     from models.config.eqt import EPRule, FastConfig, NudgeConfig, StabiliserConfig
     from models.eqt.fast import FastEQ
-    from models.studies.eqt_lm import Equilibrium
+    from models.studies.eqt_lm.equilibrium import Equilibrium
     from models.training.batches import Epochs
     from models.training.trainer import Trainer
     from tests.test_eqt_fast import make

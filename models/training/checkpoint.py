@@ -4,6 +4,10 @@ A run's identity (``models.pipeline.run_identity``) is a small dict of hashes: t
 training config, the source of every module training imports, the calibration file and the
 data. A checkpoint records it; resuming needs every part to match, and the error names the parts
 that changed, so "why did this retrain?" has an answer.
+
+Next to each ``segNNNN.pt`` a small ``segNNNN.json`` (format, step, identity) is written after it,
+so deciding which segments of a run are still valid reads a few hundred bytes per segment instead
+of loading every checkpoint (a missing sidecar falls back to the checkpoint itself).
 """
 
 from __future__ import annotations
@@ -24,6 +28,12 @@ def save(path: Path, *, step: int, identity: dict[str, str], trainer: dict[str, 
     """``config`` is the resolved run config training used (for train/eval drift checks)."""
     io.torch_save(path, {"format": FORMAT, "step": step, "identity": identity,
                          "trainer": trainer, "rng": rng, "config": config})
+    io.write_json(sidecar(path), {"format": FORMAT, "step": step, "identity": identity})
+
+
+def sidecar(path: Path) -> Path:
+    """seg0003.pt -> seg0003.json: the checkpoint's identity, readable without loading it."""
+    return path.with_suffix(".json")
 
 
 def load(path: Path, *, identity: dict[str, str] | None, step: int) -> dict[str, Any]:
@@ -57,6 +67,16 @@ def changed(old: dict[str, str], new: dict[str, str]) -> str:
 
 
 def is_valid(path: Path, *, identity: dict[str, str], step: int) -> bool:
+    """Whether ``path`` is this run's checkpoint at ``step`` (from its sidecar when it has one)."""
+    side = sidecar(path)
+    if path.is_file() and side.is_file():
+        try:
+            meta = io.read_json(side)
+        except ValueError:
+            meta = None
+        if isinstance(meta, dict):
+            return (meta.get("format") == FORMAT and meta.get("step") == step
+                    and meta.get("identity") == identity)
     try:
         load(path, identity=identity, step=step)
     except CheckpointError:

@@ -1,36 +1,29 @@
-"""The ``eqt-lm`` study: language modelling on the token corpus, one row per learning rule.
+"""The equilibrium rows of ``eqt_lm`` (``bptt`` and ``ep``, METHODS §2): the equilibrium LM of
+``models.eqt`` (one block relaxed to a fixed point) trained with the rule's gradient, the jacreg
+controller in the loop; their calibration (the free phase's eps/T1) and the gradient-quality and
+operator diagnostics.
 
-Rows share data, tokenizer, evaluation windows and model shape (n_embd, n_head, block_size). The
-``bp`` row trains a standard pre-LN transformer (``models.nets.transformer``); ``bptt`` and ``ep``
-rows train the equilibrium LM of ``models.eqt`` (one block relaxed to a fixed point) with the
-gradient of the rule (METHODS §2, ``Equilibrium``), the jacreg controller in the loop. Every row
-trains with the one trainer (``models.training.trainer``: AdamW, EMA, clipping, statistics).
+A row module of the study gives three calls: ``build`` (model, learning rule, held-out loss),
+``calibrate`` and ``diagnose`` (what the row adds to the study's common diagnosis).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from models import io
-from models.config import Params, TrainConfig
 from models.config.eqt import (
-    BPRule,
     BPTTRule,
     EPRule,
     EqRule,
     LMModelConfig,
-    LMStudyConfig,
     RelaxConfig,
     StabiliserConfig,
 )
-from models.data.tokens import load_codec, read_tokens
 from models.eqt import bptt as eqt_bptt
 from models.eqt import diagnostics as eqt_diag
 from models.eqt import ep as eqt_ep
@@ -41,41 +34,18 @@ from models.eqt.model import EqShape, EquilibriumLM
 from models.eqt.relax import RelaxResult
 from models.eqt.stabilisers import JacregController
 from models.eqt.step import gradients
-from models.nets.transformer import TransformerLM, TransformerShape, attention_off
-from models.pipeline import RunSpec, tokens_dir
-from models.studies import baselines
-from models.training import rng
+from models.studies.eqt_lm.common import (
+    EVAL_SEED,
+    LossFn,
+    check_init_loss,
+    lm_baselines,
+    val_loss,
+    val_tokens,
+    vocab_size,
+)
 from models.training.segments import progress_bar
-from models.training.trainer import Backprop, LearningRule, Trainer
+from models.training.trainer import LearningRule, Trainer
 from models.training.windows import Windows
-
-EVAL_SEED = 10_000  # the same validation windows for every row and seed
-
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def vocab_size() -> int:
-    return int(io.read_json(tokens_dir() / "meta.json")["vocab_size"])
-
-
-def val_tokens() -> np.ndarray:
-    return read_tokens(tokens_dir() / "val.bin")
-
-
-def lm_objective(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
-                 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The BP row's loss: next-token CE of the transformer, and the RMS of its residual stream
-    after the embedding and after every block."""
-    assert isinstance(model, TransformerLM)
-    x, y = batch
-    states = model.hidden_states(x)
-    loss = F.cross_entropy(model.head(model.ln_f(states[-1])).flatten(0, 1), y.flatten())
-    act = {f"act/h{i}": s.detach().pow(2).mean().sqrt().item() for i, s in enumerate(states)}
-    return loss, {"loss": loss.item(), "term/ce": loss.item(), **act}
-
-
-def transformer_loss(model: nn.Module) -> LossFn:
-    return lambda x, y: F.cross_entropy(model(x).flatten(0, 1), y.flatten())
 
 
 def eq_model(model_cfg: LMModelConfig, rule: EqRule, relax: RelaxConfig) -> EquilibriumLM:
@@ -87,6 +57,31 @@ def eq_model(model_cfg: LMModelConfig, rule: EqRule, relax: RelaxConfig) -> Equi
         vocab_size=vocab_size(), block_size=model_cfg.block_size, n_embd=model_cfg.n_embd,
         n_head=model_cfg.n_head, qk_norm=model_cfg.qk_norm, damping=b.damping, block=b.kind,
         emb_std=b.emb_std, init_std=b.init_std, resinit=b.resinit), relax)
+
+
+def build(model_cfg: LMModelConfig, rule_cfg: EqRule, relax: RelaxConfig | None,
+          device: torch.device) -> tuple[nn.Module, Equilibrium, Any]:
+    """The equilibrium LM under the calibrated ``relax`` (else the row's own), its rule, and its
+    held-out loss through the free phase."""
+    model = eq_model(model_cfg, rule_cfg, relax or rule_cfg.relax).to(device)
+    rule = Equilibrium(model, rule_cfg, device)
+    return model, rule, rule.loss
+
+
+def calibrate(trainer: Trainer, device: torch.device, study_name: str) -> dict[str, Any]:
+    """The free phase's eps/T1 (``models.eqt.calibration``; eps halved until the relaxation
+    converges at init) and the initial loss vs ln V."""
+    model, rule = trainer.model, trainer.rule
+    assert isinstance(model, EquilibriumLM) and isinstance(rule, Equilibrium)
+    # 8 windows per batch: enough to see divergence, cheap for the abscissa's power iteration
+    batches = [trainer.batches.next(0)[0][:8] for _ in range(3)]
+    result = calibrate_relax(model, batches, search=True)
+    model.relax_cfg = RelaxConfig(**result["relax"])
+    ln_v = math.log(vocab_size())
+    init_loss = val_loss(rule.loss(model), model.shape.block_size, trainer.cfg, 4, device)
+    check_init_loss(init_loss, ln_v)
+    return {**result, "ln_vocab": ln_v, "init_val_loss": init_loss,
+            "init_over_ln_vocab": init_loss / ln_v, "health": lm_baselines(init_loss)}
 
 
 class Equilibrium(LearningRule):
@@ -257,153 +252,7 @@ def reference_cosines(g: dict[str, torch.Tensor], refs: dict[str, Any]) -> dict[
     return out
 
 
-@torch.no_grad()
-def val_loss(loss: LossFn, block_size: int, cfg: TrainConfig, batches: int,
-             device: torch.device) -> float:
-    """Mean held-out CE on the validation windows every row and seed share."""
-    windows = Windows(val_tokens(), block_size, cfg.batch_size, EVAL_SEED, device)
-    return float(np.mean([float(loss(*windows.next())) for _ in range(batches)]))
-
-
-def build(study: LMStudyConfig, row: str, seed: int, relax: RelaxConfig | None,
-          device: torch.device) -> Trainer:
-    """A row's model and rule (BP transformer, or the equilibrium LM under the calibrated
-    ``relax``, else the row's own), its training windows and its evaluation."""
-    rule_cfg = study.rules[row]
-    model_cfg, train_cfg = study.row_model(row), study.row_train(row)
-    rng.seed_everything(seed)
-    model: nn.Module
-    rule: LearningRule
-    if isinstance(rule_cfg, BPRule):
-        model = TransformerLM(TransformerShape(
-            vocab_size=vocab_size(), block_size=model_cfg.block_size, n_embd=model_cfg.n_embd,
-            n_head=model_cfg.n_head, n_layer=model_cfg.n_layer, qk_norm=model_cfg.qk_norm,
-        )).to(device)
-        rule, loss_of = Backprop(lm_objective), transformer_loss
-    else:
-        model = eq_model(model_cfg, rule_cfg, relax or rule_cfg.relax).to(device)
-        rule = eq_rule = Equilibrium(model, rule_cfg, device)
-        loss_of = eq_rule.loss  # type: ignore[assignment]
-    batches = Windows(read_tokens(tokens_dir() / "train.bin"), model_cfg.block_size,
-                      train_cfg.batch_size, seed, device)
-
-    def evaluate(m: nn.Module) -> dict[str, float]:
-        return {"val_loss": val_loss(loss_of(m), model_cfg.block_size, train_cfg,
-                                     train_cfg.eval_batches, device)}
-
-    return Trainer(model, rule, batches, evaluate, train_cfg)
-
-
-class EqtLMStudy:
-    name = "eqt_lm"
-    title = "eqt-lm: language modelling, BP transformer vs equilibrium propagation"
-    columns = (("best_val_loss", "best val CE"), ("final_val_loss", "final val CE"),
-               ("context_gain", "CE gain from attention"), ("residual", "final residual"),
-               ("cos_bptt", "cos to BPTT"), ("cos_implicit", "cos to implicit"),
-               ("ms_per_step", "ms/step"), ("peak_mem_mb", "peak MB"))
-    plots = (("val_loss", "validation cross-entropy"), ("loss", "training loss"),
-             ("cos/global", "cos(g_rule, g_BPTT) during training"))
-
-    def build_trainer(self, params: Params, spec: RunSpec, calibration: dict[str, Any],
-                      device: torch.device) -> Trainer:
-        relax = RelaxConfig(**calibration["relax"]) if "relax" in calibration else None
-        return build(params.study_as(spec.study, LMStudyConfig), spec.row, spec.seed, relax,
-                     device)
-
-    def calibrate(self, params: Params, row: str, device: torch.device) -> dict[str, Any]:
-        """BP: initial loss vs ln V, activation RMS, a short LR probe. Equilibrium rows: the
-        free phase's eps/T1 (``models.eqt.calibration``; eps halved until the relaxation
-        converges at init) and the initial loss vs ln V."""
-        study = params.study_as(self.name, LMStudyConfig)
-        train_cfg = study.row_train(row)
-        trainer = build(study, row, 0, None, device)
-        if isinstance(trainer.rule, Equilibrium):
-            return self._calibrate_eq(trainer, device)
-        ln_v = math.log(vocab_size())
-        init_loss = val_loss(transformer_loss(trainer.model), study.row_model(row).block_size,
-                             train_cfg, 4, device)
-        x, _ = trainer.batches.next(0)
-        with torch.no_grad():
-            act = [s.pow(2).mean().sqrt().item() for s in trainer.model.hidden_states(x)]  # type: ignore[operator]
-        probe_steps = 20
-        losses = [trainer.train_step(s, train_cfg.lr)["loss"] for s in range(probe_steps)]
-        result = {
-            "ln_vocab": ln_v, "init_val_loss": init_loss, "init_over_ln_vocab": init_loss / ln_v,
-            "act_rms": act, "lr_probe": {"lr": train_cfg.lr, "steps": probe_steps,
-                                         "first_loss": losses[0], "last_loss": losses[-1]},
-            "health": _lm_baselines(init_loss),
-        }
-        _check_init_loss(init_loss, ln_v)
-        if not math.isfinite(losses[-1]) or losses[-1] > losses[0]:
-            raise ValueError(f"calibration: loss rose from {losses[0]:.3f} to {losses[-1]:.3f} in "
-                             f"{probe_steps} steps at lr={train_cfg.lr}; lower "
-                             f"studies.{self.name}.train.lr")
-        return result
-
-    @staticmethod
-    def _calibrate_eq(trainer: Trainer, device: torch.device) -> dict[str, Any]:
-        model, rule = trainer.model, trainer.rule
-        assert isinstance(model, EquilibriumLM) and isinstance(rule, Equilibrium)
-        # 8 windows per batch: enough to see divergence, cheap for the abscissa's power iteration
-        batches = [trainer.batches.next(0)[0][:8] for _ in range(3)]
-        result = calibrate_relax(model, batches, search=True)
-        model.relax_cfg = RelaxConfig(**result["relax"])
-        ln_v = math.log(vocab_size())
-        init_loss = val_loss(rule.loss(model), model.shape.block_size, trainer.cfg, 4, device)
-        _check_init_loss(init_loss, ln_v)
-        return {**result, "ln_vocab": ln_v, "init_val_loss": init_loss,
-                "init_over_ln_vocab": init_loss / ln_v, "health": _lm_baselines(init_loss)}
-
-    def diagnose(self, params: Params, spec: RunSpec, trainer: Trainer,
-                 device: torch.device) -> dict[str, Any]:
-        """Held-out CE on more windows than during training, entropy, samples, and the CE with
-        attention off (``val_loss_no_attention``; ``context_gain`` = it minus the CE on the same
-        windows: what context adds, ~0 for a model that predicts from the current token alone);
-        for equilibrium rows also the gradient-quality and operator diagnostics of METHODS §2."""
-        codec = load_codec(tokens_dir() / "tokenizer.json")
-        model = trainer.ema.averaged(trainer.model).eval()
-        stream = Windows(val_tokens(), model.shape.block_size, trainer.cfg.batch_size,  # type: ignore[arg-type]
-                         EVAL_SEED + 1, device)
-        ce, ent, held_out = [], [], [stream.next() for _ in range(2 * trainer.cfg.eval_batches)]
-        with torch.no_grad():
-            for x, y in held_out:
-                logits = model(x)
-                ce.append(F.cross_entropy(logits.flatten(0, 1), y.flatten()).item())
-                logp = logits.log_softmax(-1)
-                ent.append(-(logp.exp() * logp).sum(-1).mean().item())
-            # what the model predicts without context: attention off (the equilibrium relaxed
-            # again without it) on the first half of the same windows
-            with attention_off(model):
-                ce_off = [F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
-                          for x, y in held_out[:trainer.cfg.eval_batches]]
-            ce_on = float(np.mean(ce[:trainer.cfg.eval_batches]))
-            samples = [codec.decode(sample(model, codec.encode(prompt), 80, device, seed=i))
-                       for i, prompt in enumerate(["Once upon a time", "Question: How many"])]
-        model.train()
-        result: dict[str, Any] = {
-            "metrics": {"val_loss": float(np.mean(ce)), "pred_entropy": float(np.mean(ent)),
-                        "ln_vocab": math.log(codec.vocab_size),
-                        "val_loss_no_attention": float(np.mean(ce_off)),
-                        "context_gain": float(np.mean(ce_off)) - ce_on},
-            "samples": samples, "extras": {"vocab_size": codec.vocab_size}}
-        if isinstance(trainer.rule, Equilibrium):
-            _diagnose_eq(trainer, device, result)
-        return result
-
-
-def _lm_baselines(init_loss: float) -> dict[str, Any]:
-    """What every row must beat (models.studies.baselines): ln V, unigram, untrained net."""
-    return baselines.language_model(read_tokens(tokens_dir() / "train.bin"), val_tokens(),
-                                     vocab_size(), init_loss)
-
-
-def _check_init_loss(init_loss: float, ln_v: float) -> None:
-    if abs(init_loss / ln_v - 1) > 0.1:
-        raise ValueError(f"calibration: initial val loss {init_loss:.3f} is not within 10% of "
-                         f"ln V = {ln_v:.3f}; the initialisation is off")
-
-
-def _diagnose_eq(trainer: Trainer, device: torch.device, result: dict[str, Any],
+def diagnose(trainer: Trainer, device: torch.device, result: dict[str, Any],
                  n_batches: int = 4) -> None:
     """cos(g_rule, g_BPTT) per group and global and k = |g_rule|/|g_BPTT| (task gradients, mean
     over held-out batches), batch-to-batch self-coherence, the free-phase residual and one
@@ -485,14 +334,3 @@ def _group_coherence(grads: list[dict[str, torch.Tensor]]) -> dict[str, float]:
             for k in pairs[0] if k.startswith("cos/")} if pairs else {}
 
 
-def sample(model: torch.nn.Module, prompt: list[int], n: int, device: torch.device,
-           seed: int, temperature: float = 0.8) -> list[int]:
-    """Ancestral sampling with a private generator (leaves the global RNG alone)."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    ids = torch.tensor([prompt], device=device)
-    block = model.shape.block_size
-    for _ in range(n):
-        logits = model(ids[:, -block:])[:, -1] / temperature
-        nxt = torch.multinomial(logits.softmax(-1), 1, generator=gen)
-        ids = torch.cat([ids, nxt], dim=1)
-    return ids[0].tolist()

@@ -1,0 +1,51 @@
+"""What every row of the ``eqt_lm`` study shares: the token data, the validation windows every
+row and seed are scored on, and the checks and baselines of a language model's calibration."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from models import io
+from models.config import TrainConfig
+from models.data.tokens import read_tokens
+from models.paths import tokens_dir
+from models.studies import baselines
+from models.training.windows import Windows
+
+EVAL_SEED = 10_000  # the same validation windows for every row and seed
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def vocab_size() -> int:
+    return int(io.read_json(tokens_dir() / "meta.json")["vocab_size"])
+
+
+def val_tokens() -> np.ndarray:
+    return read_tokens(tokens_dir() / "val.bin")
+
+
+@torch.no_grad()
+def val_loss(loss: LossFn, block_size: int, cfg: TrainConfig, batches: int,
+             device: torch.device) -> float:
+    """Mean held-out CE on the validation windows every row and seed share."""
+    windows = Windows(val_tokens(), block_size, cfg.batch_size, EVAL_SEED, device)
+    return float(np.mean([float(loss(*windows.next())) for _ in range(batches)]))
+
+
+def lm_baselines(init_loss: float) -> dict[str, Any]:
+    """What every row must beat (models.studies.baselines): ln V, unigram, untrained net."""
+    return baselines.language_model(read_tokens(tokens_dir() / "train.bin"), val_tokens(),
+                                     vocab_size(), init_loss)
+
+
+def check_init_loss(init_loss: float, ln_v: float) -> None:
+    if abs(init_loss / ln_v - 1) > 0.1:
+        raise ValueError(f"calibration: initial val loss {init_loss:.3f} is not within 10% of "
+                         f"ln V = {ln_v:.3f}; the initialisation is off")
+
+
