@@ -57,6 +57,16 @@ def tool(name: str) -> str:
 
 
 @pytest.fixture
+def no_tf32() -> Iterator[None]:
+    """Full-precision CUDA matmuls for one test, restored after it (the flag is process-wide,
+    so a test that left it off would change every later GPU test's numerics)."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.fixture
 def one_thread() -> Iterator[None]:
     """Small float64 nets: one torch thread is faster and keeps reductions in one order."""
     n = torch.get_num_threads()

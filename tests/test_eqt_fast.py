@@ -17,9 +17,9 @@ from models.eqt.ep import ep_gradients
 from models.eqt.fast import FastEQ
 from models.eqt.implicit import ImplicitConfig, implicit_gradients
 from models.eqt.model import EqShape, EquilibriumLM
-from models.eqt.step import gradients
 from models.eqt.relax import RelaxConfig
 from models.eqt.stabilisers import JacregController
+from models.eqt.step import gradients
 from models.eqt.thick_ops import ThickOps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -199,8 +199,7 @@ def test_per_token_nudge_keeps_fp32_attention_gradients() -> None:
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("bf16", [False, True])
-def test_fast_path_matches_eager_fp32_on_cuda(bf16: bool) -> None:
-    torch.backends.cuda.matmul.allow_tf32 = False
+def test_fast_path_matches_eager_fp32_on_cuda(bf16: bool, no_tf32: None) -> None:
     relax_cfg = RelaxConfig(eps=0.1, t1=150, t1max=300, res_target=1e-4)
     model, idx, tgt = make(0, dtype=torch.float32, relax_cfg=relax_cfg, b=8, t=64, c=64,
                            device="cuda")
@@ -220,10 +219,9 @@ def test_fast_path_matches_eager_fp32_on_cuda(bf16: bool) -> None:
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_graphed_bptt_and_long_reference_on_cuda() -> None:
+def test_graphed_bptt_and_long_reference_on_cuda(no_tf32: None) -> None:
     """The captured T1 graph and the uncaptured long-unroll reference at T1 steps are the same
     gradient on the GPU (the reference's segments recompute what the graph stores)."""
-    torch.backends.cuda.matmul.allow_tf32 = False
     relax_cfg = RelaxConfig(eps=0.1, t1=150, t1max=300, res_target=1e-4)
     model, idx, tgt = make(0, dtype=torch.float32, relax_cfg=relax_cfg, b=8, t=64, c=64,
                            device="cuda")
@@ -237,10 +235,9 @@ def test_graphed_bptt_and_long_reference_on_cuda() -> None:
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_graphed_t2_continuation_on_cuda() -> None:
+def test_graphed_t2_continuation_on_cuda(no_tf32: None) -> None:
     """The continuation's three graphs (head, chunk, gradient) replayed against the same
     functions run without graphs: same chunks, same snapshot, the same gradient."""
-    torch.backends.cuda.matmul.allow_tf32 = False
     relax_cfg = RelaxConfig(eps=0.1, t1=150, t1max=300, res_target=1e-4)
     model, idx, tgt = make(0, dtype=torch.float32, relax_cfg=relax_cfg, b=8, t=64, c=64,
                            device="cuda")

@@ -12,13 +12,13 @@ from models.config.eqt import EPRule, NudgeConfig, StabiliserConfig
 from models.eqt.calibration import calibrate
 from models.eqt.diagnostics import fingerprint, numerical_abscissa, self_coherence
 from models.eqt.model import EqShape, EquilibriumLM
-from models.eqt.step import gradients
 from models.eqt.relax import RelaxConfig
 from models.eqt.stabilisers import (
     JacregController,
     jacobian_penalty,
     residual_penalty,
 )
+from models.eqt.step import gradients
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -146,17 +146,33 @@ def test_gate_skips_task_gradient_but_keeps_stabiliser() -> None:
     assert ctl.lam > 1.0  # the large residual raised lambda for the next step
 
 
-def test_gradients_dispatch_stats_and_self_coherence() -> None:
+def test_step_is_task_gradient_plus_resreg_and_self_coherence_is_the_cosine() -> None:
+    """The step's gradient is the rule's task gradient plus resreg * dR/dtheta (the identity
+    ``models.eqt.step.gradients`` states), and self-coherence is the plain cosine."""
     model, idx, tgt = make()
-    cfg = EPRule(nudge=NudgeConfig(beta=1e-3, t2=30), stab=StabiliserConfig(resreg=0.2))
+    plain = EPRule(nudge=NudgeConfig(beta=1e-3, t2=30), stab=StabiliserConfig(controller=False))
+    cfg = EPRule(nudge=plain.nudge, stab=StabiliserConfig(resreg=0.2, controller=False))
     g1, stats = gradients(model, idx, tgt, cfg)
-    assert {"residual", "settle_iters", "loss", "term/ce", "term/resreg", "lambda"} <= set(stats)
-    assert stats["gate_skipped"] == 0.0
-    assert set(g1) == {n for n, _ in model.named_parameters()}
+    g0, stats0 = gradients(model, idx, tgt, plain)
+    assert stats["gate_skipped"] == 0.0 and set(g1) == {n for n, _ in model.named_parameters()}
+    run = model.free_phase(idx)
+    r = residual_penalty(model, idx, run.z_t1)
+    assert stats["term/resreg"] == pytest.approx(float(r)) and "term/resreg" not in stats0
+    names = [n for n, _ in model.named_parameters()]
+    dr = torch.autograd.grad(0.2 * r, list(model.parameters()), allow_unused=True)
+    for n, d in zip(names, dr, strict=True):
+        expect = g0[n] + (d if d is not None else 0)
+        assert torch.allclose(g1[n], expect, rtol=1e-8, atol=1e-12), n
+    assert stats["grad/global"] == pytest.approx(
+        float(torch.sqrt(sum(g.pow(2).sum() for g in g1.values()))))
     g2, _ = gradients(model, idx, tgt, cfg)
     assert self_coherence(g1, g2) == pytest.approx(1.0)
+    flat = lambda g: torch.cat([g[n].flatten() for n in names])  # noqa: E731
     idx2, tgt2 = torch.randint(0, 11, (2, 6)), torch.randint(0, 11, (2, 6))
-    assert -1.0 <= self_coherence(g1, gradients(model, idx2, tgt2, cfg)[0]) < 1.0
+    g3 = gradients(model, idx2, tgt2, cfg)[0]
+    assert self_coherence(g1, g3) == pytest.approx(
+        float(torch.nn.functional.cosine_similarity(flat(g1), flat(g3), dim=0)))
+    assert self_coherence(g1, {n: -t for n, t in g1.items()}) == pytest.approx(-1.0)
 
 
 def test_numerical_abscissa_matches_dense_eigendecomposition() -> None:
