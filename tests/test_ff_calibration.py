@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from models.config.ff import FFDTPRule, FFPCRule
-from models.ff.calibration import calibrate_dtp, calibrate_pc, dfa_feedback_scale
+from models.config.ff_rules.dtp import FFDTPRule
+from models.config.ff_rules.pc import FFPCRule
 from models.ff.mlp import DeepMLP, MLPConfig, true_state_grads
-from models.ff.rules import DFA, DTP, PC
+from models.ff.rules.dfa import DFA, dfa_feedback_scale
+from models.ff.rules.dtp import DTP, calibrate_dtp
+from models.ff.rules.pc import PC, calibrate_pc
 
 torch.set_num_threads(2)
 

@@ -14,9 +14,11 @@ import functools
 import pytest
 import torch
 
+from models.config.ff import RULE_CONFIGS as CONFIGS
 from models.ff.energy import EnergyMLP, EnergyMLPConfig
 from models.ff.mlp import DeepMLP, MLPConfig, evaluate
-from models.ff.rules import CONFIGS, RULES, CreditBridge
+from models.ff.rules import rule_class
+from models.ff.rules.credit_bridge import CreditBridge
 
 torch.set_num_threads(2)
 STEPS, BATCH = 200, 64
@@ -43,7 +45,7 @@ def train(kind: str, energy: bool) -> float:
     if kind == "credit_bridge":
         rule = CreditBridge(net, CONFIGS[kind](), 0, epochs=10)
     else:
-        rule = RULES[kind](net, CONFIGS[kind](), 0)
+        rule = rule_class(kind)(net, CONFIGS[kind](), 0)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     x, y = xor(32 * BATCH, 0)
     for step in range(STEPS):

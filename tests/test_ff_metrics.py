@@ -6,7 +6,8 @@ import torch
 
 from models.ff.metrics import bp_cosine, costate_cosine, layer_grads, nudge, rho
 from models.ff.mlp import DeepMLP, MLPConfig, true_state_grads
-from models.ff.rules import BP, DFA
+from models.ff.rules.bp import BP
+from models.ff.rules.dfa import DFA
 from models.ff.tasks.lq import exact_costate, lq_config, make_lq
 
 torch.set_num_threads(2)

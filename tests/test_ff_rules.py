@@ -8,17 +8,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.config.ff import (
-    FFCreditBridgeRule,
-    FFDFARule,
-    FFDTPRule,
-    FFEPRule,
-    FFPCRule,
-)
+from models.config.ff import RULE_CONFIGS as CONFIGS
+from models.config.ff_rules.credit_bridge import FFCreditBridgeRule
+from models.config.ff_rules.dfa import FFDFARule
+from models.config.ff_rules.dtp import FFDTPRule
+from models.config.ff_rules.ep import FFEPRule
+from models.config.ff_rules.pc import FFPCRule
 from models.ff.energy import EnergyMLP, EnergyMLPConfig
 from models.ff.metrics import cosine
 from models.ff.mlp import DeepMLP, MLPConfig, true_state_grads
-from models.ff.rules import CONFIGS, DFA, DTP, EP, PC, RULES, CreditBridge, StateBridge
+from models.ff.rules import KINDS, rule_class
+from models.ff.rules.credit_bridge import CreditBridge
+from models.ff.rules.dfa import DFA
+from models.ff.rules.dtp import DTP
+from models.ff.rules.ep import EP
+from models.ff.rules.pc import PC
+from models.ff.rules.state_bridge import StateBridge
 from models.studies.ff_common import ep_reference
 
 torch.set_num_threads(2)
@@ -382,10 +387,10 @@ def make(rule: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     if rule == "credit_bridge":
         return net, CreditBridge(net, FFCreditBridgeRule(), seed, epochs=10)
     extra = {"pc": {"noise_std": 0.01, "settle_iters": 8}}.get(rule, {})
-    return net, RULES[rule](net, CONFIGS[rule](**extra), seed)
+    return net, rule_class(rule)(net, CONFIGS[rule](**extra), seed)
 
 
-@pytest.mark.parametrize("name", sorted(RULES))
+@pytest.mark.parametrize("name", KINDS)
 def test_state_dict_round_trip_is_bitwise(name: str) -> None:
     net, rule = make(name, seed=0, dtype=torch.float64)
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)

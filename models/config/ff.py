@@ -2,8 +2,8 @@
 ``rules_lq``).
 
 A study lists ``rows`` (names) and ``rules`` keyed by row name; ``kind`` picks the learning rule
-and the remaining keys are that rule's hyper-parameters (the ``FF*Rule`` classes below, which the
-library takes as they are).
+and the remaining keys are that rule's hyper-parameters (its class in ``models.config.ff_rules``,
+which the library takes as it is).
 Training length is given in ``epochs`` over the fit split; ``row_train`` turns it into the
 step-based ``TrainConfig`` the segment driver uses (``steps``, ``segment_steps`` and a cosine that
 decays over the whole run).
@@ -17,114 +17,13 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from models.config.base import Strict, StudyConfig, check_rows, merge_checked
+
+# One config class per rule, in its own module of models/config/ff_rules (found by listing it);
+# these classes are also what the library takes (models.ff.rules imports them). The rule's seed
+# (the run's) and, for the credit bridge, the run's epochs are constructor arguments, not fields.
+from models.config.ff_rules import RULE_CONFIGS as RULE_CONFIGS  # re-exported
+from models.config.ff_rules import FFRule
 from models.config.train import TrainConfig
-
-
-# ---------------------------------------------------------------- rules
-# These classes are also what the library takes (models.ff.rules imports them): one class per
-# rule, its hyper-parameters, defaults and validators defined here only. The rule's seed (the
-# run's) and, for the credit bridge, the run's epochs are constructor arguments, not fields.
-class _RuleBase(Strict):
-    train: dict[str, Any] = {}  # per-row overrides of the study's train / model
-    model: dict[str, Any] = {}
-    epochs: Annotated[int, Field(gt=0)] | None = None  # None: the study's epochs (equal budgets)
-
-
-class FFBPRule(_RuleBase):
-    """Back-propagation (models.ff.rules.bp)."""
-
-    kind: Literal["bp"] = "bp"
-
-
-class FFHeadOnlyRule(_RuleBase):
-    """Hidden layers frozen at init, only the readout learns (models.ff.rules.head_only): the
-    baseline each rule must beat on its own network family (``energy``: EP's energy net)."""
-
-    kind: Literal["head_only"] = "head_only"
-    net: Literal["mlp", "energy"] = "mlp"
-
-
-class FFDFARule(_RuleBase):
-    """Direct feedback alignment (models.ff.rules.dfa)."""
-
-    kind: Literal["dfa"] = "dfa"
-    # "calibrated": RMS of the credit matched to BP's dL/dh_l at initialisation (calibrate stage)
-    feedback_scale: Annotated[float, Field(gt=0)] | Literal["calibrated"] = "calibrated"
-    # shared: one B for the residual stream (Launay et al. 2020); per_layer: B_l per layer
-    # (Nokland 2016). models/ff/rules/dfa.py says why shared is the default.
-    feedback: Literal["shared", "per_layer"] = "shared"
-
-
-class FFDTPRule(_RuleBase):
-    """Difference target propagation (models.ff.rules.dtp)."""
-
-    kind: Literal["dtp"] = "dtp"
-    eta: Annotated[float, Field(gt=0)] = 0.1  # top target step on the per-sample output gradient
-    noise_std: Annotated[float, Field(gt=0)] = 0.1  # sigma of the inverse-training perturbation
-    inverse_lr: Annotated[float, Field(gt=0)] = 1e-3  # Adam, internal
-    inverse_steps: Annotated[int, Field(ge=1)] = 1  # inverse updates per training step
-    pretrain_steps: Annotated[int, Field(ge=0)] = 200  # inverse pre-training before step 0
-
-
-class FFPCRule(_RuleBase):
-    """Predictive coding with a clamped output (models.ff.rules.pc, which says why)."""
-
-    kind: Literal["pc"] = "pc"
-    settle_lr: Annotated[float, Field(gt=0)] = 0.2  # gamma (over max precision)
-    settle_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9  # heavy ball
-    settle_iters: Annotated[int, Field(ge=1)] = 100  # cap
-    settle_tol: Annotated[float, Field(gt=0, lt=1)] = 2e-2  # fraction of the initial force left
-    precision_init: Annotated[float, Field(gt=0)] = 1.0
-    precision_floor: Annotated[float, Field(gt=0)] = 0.1
-    precision_lr: Annotated[float, Field(ge=0)] = 1e-2  # SGD on r; 0 freezes the precisions
-    precision_prior_rate: Annotated[float, Field(gt=0)] = 0.1  # b: stable point near 1 / (2b)
-    precision_damping: Annotated[float, Field(ge=0)] = 1.0  # kappa
-    precision_ema: Annotated[float, Field(ge=0, lt=1)] = 0.99
-    noise_std: Annotated[float, Field(ge=0)] = 0.0
-    noise_anneal: Annotated[float, Field(gt=0, le=1)] = 0.9  # per-epoch factor on the noise
-    output_weight: Annotated[float, Field(gt=0, le=1)] = 1.0  # 1 = clamped; < 1 tests only
-    calibrate_settle: bool = True  # replace settle_lr by the calibrated one
-
-    @model_validator(mode="after")
-    def _floor(self) -> FFPCRule:
-        if self.precision_init <= self.precision_floor:
-            raise ValueError("precision_init must exceed precision_floor")
-        return self
-
-
-class FFEPRule(_RuleBase):
-    """Equilibrium propagation on the energy net (models.ff.rules.ep)."""
-
-    kind: Literal["ep"] = "ep"
-    beta: Annotated[float, Field(gt=0)] = 0.5  # centered nudging (Laborieux et al. 2021)
-    nudge_steps: Annotated[int, Field(ge=1)] = 20
-
-
-class FFStateBridgeRule(_RuleBase):
-    """State bridge (models.ff.rules.state_bridge)."""
-
-    kind: Literal["state_bridge"] = "state_bridge"
-    bridge_lr: Annotated[float, Field(gt=0)] = 1e-3  # Adam, internal
-
-
-class FFCreditBridgeRule(_RuleBase):
-    """Credit bridge (models.ff.rules.credit_bridge)."""
-
-    kind: Literal["credit_bridge"] = "credit_bridge"
-    # Adam, internal, value head and bridges: 10x the net's lr so V tracks the moving net
-    bridge_lr: Annotated[float, Field(gt=0)] = 1e-2
-    d_value: Annotated[int, Field(gt=0)] = 256
-    term_grad_weight: Annotated[float, Field(ge=0)] = 1.0
-    warmup_frac: Annotated[float, Field(ge=0, le=1)] = 0.2  # DFA warm-up, fraction of epochs
-    feedback_scale: Annotated[float, Field(gt=0)] | Literal["calibrated"] = "calibrated"
-
-
-FFRule = Annotated[FFBPRule | FFHeadOnlyRule | FFDFARule | FFDTPRule | FFPCRule | FFEPRule
-                   | FFStateBridgeRule | FFCreditBridgeRule, Field(discriminator="kind")]
-RULE_CONFIGS: dict[str, type[_RuleBase]] = {
-    c.model_fields["kind"].default: c
-    for c in (FFBPRule, FFHeadOnlyRule, FFDFARule, FFDTPRule, FFPCRule, FFEPRule,
-              FFStateBridgeRule, FFCreditBridgeRule)}
 
 
 # ---------------------------------------------------------------- models and tasks
@@ -214,8 +113,8 @@ class _FFStudyBase(StudyConfig):
     def _rows_known(self) -> _FFStudyBase:
         check_rows(self.rows, self.rules)
         for name, rule in self.rules.items():
-            energy = rule.kind == "ep" or getattr(rule, "net", "mlp") == "energy"
-            if rule.kind in self.forbidden_kinds or (energy and "ep" in self.forbidden_kinds):
+            if rule.kind in self.forbidden_kinds or (rule.uses_energy_net()
+                                                     and "ep" in self.forbidden_kinds):
                 raise ValueError(f"rules.{name}: kind {rule.kind!r} is not available in this "
                                  f"study (it needs another network family)")
             merge_checked(self.train, rule.train, f"rules.{name}.train")

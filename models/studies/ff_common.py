@@ -15,11 +15,10 @@ import torch
 from torch import Tensor, nn
 
 from models.config.ff import FFModelConfig
-from models.ff import metrics
-from models.ff.calibration import calibrate_dtp, calibrate_pc, dfa_feedback_scale
+from models.ff import metrics, rules
 from models.ff.energy import EnergyMLP, EnergyMLPConfig
 from models.ff.mlp import DeepMLP, MLPConfig, evaluate, true_state_grads
-from models.ff.rules import RULES, CreditBridge, Rule
+from models.ff.rules import Rule
 from models.ff.tasks import Split
 from models.training.batches import Batches, Epochs
 from models.training.trainer import LearningRule, Trainer
@@ -68,15 +67,13 @@ def energy_config(m: FFModelConfig, d_in: int, d_out: int) -> EnergyMLPConfig:
 
 def build_rule(rule_cfg: Any, net: nn.Module, seed: int, epochs: int) -> Rule:
     """The models.ff rule of a params row: the row's config class as it is, the run's seed and
-    (credit bridge warm-up) the run's epochs."""
-    if rule_cfg.kind == "credit_bridge":
-        return CreditBridge(net, rule_cfg, seed, epochs)  # type: ignore[arg-type]
-    return RULES[rule_cfg.kind](net, rule_cfg, seed)
+    epochs (``models.ff.rules.build``)."""
+    return rules.build(rule_cfg, net, seed, epochs)
 
 
 def uses_energy_net(rule_cfg: Any) -> bool:
     """EP (and its head-only baseline) train the energy-based MLP instead of the pre-LN MLP."""
-    return rule_cfg.kind == "ep" or getattr(rule_cfg, "net", "mlp") == "energy"
+    return bool(rule_cfg.uses_energy_net())
 
 
 def make_net(seed: int, factory: Callable[[], nn.Module], device: torch.device) -> nn.Module:
@@ -89,12 +86,9 @@ def make_net(seed: int, factory: Callable[[], nn.Module], device: torch.device) 
 
 # ---------------------------------------------------------------- calibration
 def calibrate_rule(rule_cfg: Any, rule: Rule, x: Tensor, y: Tensor) -> dict[str, Any]:
-    """What the rule needs measured before training (METHODS §3 and models/ff/calibration).
-
-    DFA / credit-bridge warm-up: feedback scale matching BP's credit RMS. DTP: inverse
-    pre-training and the top/bottom target-norm ratio (must stay in [0.1, 10]). PC: the largest
-    stable settling step. EP: the free-phase residual at its cap.
-    """
+    """What every row records before training (the pre-LN net's initial loss and activation
+    RMS) and what the rule itself measures (``Rule.calibrate``: DFA's feedback scale, DTP's
+    inverse pre-training, PC's settling step, EP's free residual; METHODS §3)."""
     out: dict[str, Any] = {"kind": rule_cfg.kind}
     net = rule.net
     if isinstance(net, DeepMLP):
@@ -102,39 +96,8 @@ def calibrate_rule(rule_cfg: Any, rule: Rule, x: Tensor, y: Tensor) -> dict[str,
         out["init_loss"] = ev["loss"]
         with torch.no_grad():
             out["act_rms"] = [float(h.pow(2).mean().sqrt()) for h in net.states(x)]
-    kind = rule_cfg.kind
-    if kind == "dfa" and rule_cfg.feedback_scale == "calibrated":
-        out.update(dfa_feedback_scale(rule, x, y))  # type: ignore[arg-type]
-    elif kind == "credit_bridge" and rule_cfg.feedback_scale == "calibrated":
-        out.update(dfa_feedback_scale(rule.dfa, x, y))  # type: ignore[attr-defined]
-    elif kind == "dtp":
-        res = calibrate_dtp(rule, x, y, steps=max(rule_cfg.pretrain_steps, 1),  # type: ignore[arg-type]
-                            batch_size=128)
-        out.update(res)
-        if not 0.1 <= res["target_ratio"] <= 10:
-            raise ValueError(f"calibration: DTP top/bottom target-norm ratio "
-                             f"{res['target_ratio']:.3g} after inverse pre-training is outside "
-                             f"[0.1, 10]; raise rules.<row>.pretrain_steps or inverse_lr")
-    elif kind == "pc" and rule_cfg.calibrate_settle:
-        try:
-            out.update(calibrate_pc(rule, x, y))  # type: ignore[arg-type]
-        except RuntimeError as err:
-            raise ValueError(f"calibration: {err}; raise rules.<row>.settle_tol") from None
-    elif kind == "ep":
-        _, res = net.relax(x, net.cfg.free_steps)  # type: ignore[operator, union-attr]
-        out["free_residual"] = res
+    out.update(rule.calibrate(x, y))
     return out
-
-
-def apply_calibration(rule_cfg: Any, rule: Rule, cal: dict[str, Any]) -> None:
-    """Use what calibrate measured (DTP's pre-training itself runs at step 0 of each run)."""
-    kind = rule_cfg.kind
-    if kind == "dfa" and rule_cfg.feedback_scale == "calibrated":
-        rule.scale.fill_(cal["feedback_scale"])  # type: ignore[attr-defined]
-    elif kind == "credit_bridge" and rule_cfg.feedback_scale == "calibrated":
-        rule.dfa.scale.fill_(cal["feedback_scale"])  # type: ignore[attr-defined]
-    elif kind == "pc" and rule_cfg.calibrate_settle:
-        rule.cfg = rule.cfg.model_copy(update={"settle_lr": float(cal["settle_lr"])})
 
 
 # ---------------------------------------------------------------- training
@@ -150,18 +113,13 @@ class FFRule(LearningRule):
     and the net gets no gradient, so the trainer never steps it.
     """
 
-    def __init__(self, rule: Rule, steps_per_epoch: int, pretrain_steps: int = 0,
-                 train_net: bool = True) -> None:
-        self.rule, self.steps_per_epoch = rule, steps_per_epoch
-        self.pretrain_steps, self.train_net = pretrain_steps, train_net
+    def __init__(self, rule: Rule, steps_per_epoch: int, train_net: bool = True) -> None:
+        self.rule, self.steps_per_epoch, self.train_net = rule, steps_per_epoch, train_net
 
     def pretrain(self, model: nn.Module, batches: Batches) -> dict[str, float]:
-        """DTP: pre-train the inverses on this run's own net (as calibrate measured)."""
-        if self.pretrain_steps > 0:
-            assert isinstance(batches, Epochs)
-            calibrate_dtp(self.rule, batches.x, batches.y,  # type: ignore[arg-type]
-                          steps=self.pretrain_steps, batch_size=128)
-        return {}
+        """The rule's step-0 work on the fit split (DTP: pre-train this run's inverses)."""
+        assert isinstance(batches, Epochs)
+        return self.rule.pretrain(batches.x, batches.y)
 
     def grads(self, model: nn.Module, batch: tuple[Tensor, Tensor], step: int,
               ) -> tuple[dict[str, Tensor] | None, dict[str, float]]:
@@ -195,7 +153,7 @@ def make_rule(rule_cfg: Any, net: nn.Module, seed: int, epochs: int,
               calibration: dict[str, Any]) -> Rule:
     """The row's rule on ``net``, with what calibration measured."""
     rule = build_rule(rule_cfg, net, seed, epochs)
-    apply_calibration(rule_cfg, rule, calibration)
+    rule.apply_calibration(calibration)
     return rule
 
 
@@ -205,8 +163,7 @@ def make_trainer(rule_cfg: Any, rule: Rule, data: Data, train_cfg: Any, seed: in
     """A row's trainer: ``rule`` on its net, epochs over the fit split, evaluated on the
     validation split (or by ``evaluate``)."""
     batches = Epochs(data.x_fit, data.y_fit, train_cfg.batch_size, seed + EPOCH_SEED)
-    pretrain = rule_cfg.pretrain_steps if rule_cfg.kind == "dtp" else 0
-    return Trainer(rule.net, FFRule(rule, batches.steps_per_epoch, pretrain, train_net),
+    return Trainer(rule.net, FFRule(rule, batches.steps_per_epoch, train_net),
                    batches, evaluate or (lambda m: held_out(m, data.x_val, data.y_val, "val")),
                    train_cfg, groups=rule.net.param_groups(), betas=BETAS)  # type: ignore[operator]
 

@@ -10,6 +10,14 @@ and an epoch counter. The contract has three calls:
   estimator step), so the credit metrics see the update the rule would make on held-out data.
 - ``update(x, y)``: one training step of a co-trained net, ``learn`` then ``grads`` by default;
   the pipeline's optimizer then steps the net.
+
+and the optional calls a rule overrides where it needs them (per-rule behaviour lives in the rule,
+never in ``kind ==`` branches of a study): ``from_config`` (construction from the row's config and
+the run's seed and epochs), ``calibrate`` (measure before training, a dict for the calibration
+file), ``apply_calibration`` (use it in a run) and ``pretrain`` (work at step 0 of each run).
+
+A rule is one module ``models/ff/rules/<kind>.py`` whose ``Rule`` subclass has ``name = <kind>``;
+``models.ff.rules.build`` finds it by its kind, so adding a rule edits no other code file.
 """
 
 from __future__ import annotations
@@ -35,6 +43,23 @@ class Rule(ABC):
         self.device, self.dtype = p.device, p.dtype
         self.gen = torch.Generator(device="cpu")
         self.gen.manual_seed(seed)
+
+    @classmethod
+    def from_config(cls, net: nn.Module, cfg: Any, seed: int, epochs: int) -> Rule:
+        """The rule of a row: ``cfg`` its config, ``seed`` the run's, ``epochs`` the run's."""
+        return cls(net, cfg, seed)
+
+    def calibrate(self, x: Tensor, y: Tensor) -> dict[str, Any]:
+        """What the rule measures on fit examples before training (none by default)."""
+        return {}
+
+    def apply_calibration(self, cal: dict[str, Any]) -> None:
+        """Use what ``calibrate`` measured (nothing by default)."""
+        return None
+
+    def pretrain(self, x: Tensor, y: Tensor) -> dict[str, float]:
+        """Work at step 0 of a run on the fit split ``(x, y)`` (nothing by default)."""
+        return {}
 
     def learn(self, x: Tensor, y: Tensor) -> dict[str, float]:
         """Train the rule's estimators on (x, y); return their statistics. None by default."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from models.config.ff import FFBPRule
+from models.config.ff_rules.bp import FFBPRule
 from models.ff.mlp import DeepMLP, act_rms, grad_norms, true_state_grads
 from models.ff.rules.base import Rule
 

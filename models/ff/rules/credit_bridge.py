@@ -50,14 +50,17 @@ turns it into a weight update locally (``apply_credit``).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.config.ff import FFCreditBridgeRule, FFDFARule
+from models.config.ff_rules.credit_bridge import FFCreditBridgeRule
+from models.config.ff_rules.dfa import FFDFARule
 from models.ff.mlp import DeepMLP, act_rms, activation, apply_credit, grad_norms, make_block
 from models.ff.rules.base import Rule
-from models.ff.rules.dfa import DFA
+from models.ff.rules.dfa import DFA, dfa_feedback_scale
 
 
 class ValueHead(nn.Module):
@@ -78,6 +81,19 @@ class ValueHead(nn.Module):
 
 class CreditBridge(Rule):
     name = "credit_bridge"
+
+    @classmethod
+    def from_config(cls, net: nn.Module, cfg: Any, seed: int, epochs: int) -> CreditBridge:
+        return cls(net, cfg, seed, epochs)  # type: ignore[arg-type]
+
+    def calibrate(self, x: Tensor, y: Tensor) -> dict[str, Any]:
+        if self.cfg.feedback_scale != "calibrated":
+            return {}
+        return dfa_feedback_scale(self.dfa, x, y)
+
+    def apply_calibration(self, cal: dict[str, Any]) -> None:
+        if self.cfg.feedback_scale == "calibrated":
+            self.dfa.scale.fill_(cal["feedback_scale"])
 
     def __init__(self, net: DeepMLP, cfg: FFCreditBridgeRule | None = None, seed: int = 0,
                  epochs: int = 100) -> None:

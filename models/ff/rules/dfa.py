@@ -2,7 +2,7 @@
 
 e = dL/dlogits of the batch-mean loss (softmax - onehot over B for CE), so the update has BP's
 scale. B_l has i.i.d. N(0, feedback_scale^2 / d_out) entries: feedback_scale = 1 gives credits of
-the same RMS as e per output unit; ``calibration.dfa_feedback_scale`` matches it to BP's credit.
+the same RMS as e per output unit; ``dfa_feedback_scale`` (the rule's calibration) matches it to BP's credit.
 Every hidden state h_0..h_L (including the last) gets feedback; the head gets its delta rule.
 
 The final LayerNorm. The head reads u = LN_f(h_L), not h_L, so B_l e is feedback *for u* (the
@@ -34,11 +34,13 @@ comparisons with runs that used it).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
-from models.config.ff import FFDFARule
-from models.ff.mlp import DeepMLP, act_rms, apply_credit, grad_norms
+from models.config.ff_rules.dfa import FFDFARule
+from models.ff.mlp import DeepMLP, act_rms, apply_credit, grad_norms, true_state_grads
 from models.ff.rules.base import Rule
 
 
@@ -53,9 +55,16 @@ class DFA(Rule):
         # times a separate scale, so calibration can rescale in place.
         self.B = self.randn(n if self.cfg.feedback == "per_layer" else 1, w, k) / k**0.5
         fs = self.cfg.feedback_scale
-        # "calibrated" starts at 1; the calibrate stage's value replaces it (ff_common)
+        # "calibrated" starts at 1; the calibrate stage's value replaces it (apply_calibration)
         self.scale = torch.tensor(1.0 if fs == "calibrated" else float(fs), dtype=self.dtype,
                                   device=self.device)
+
+    def calibrate(self, x: Tensor, y: Tensor) -> dict[str, Any]:
+        return dfa_feedback_scale(self, x, y) if self.cfg.feedback_scale == "calibrated" else {}
+
+    def apply_calibration(self, cal: dict[str, Any]) -> None:
+        if self.cfg.feedback_scale == "calibrated":
+            self.scale.fill_(cal["feedback_scale"])
 
     def buffers(self) -> dict[str, Tensor]:
         return {"B": self.B, "scale": self.scale}
@@ -97,3 +106,17 @@ class DFA(Rule):
         with torch.no_grad():
             hs = self.net.states(x)
         return self.credits_from(hs, y)
+
+
+def dfa_feedback_scale(rule: DFA, x: Tensor, y: Tensor) -> dict[str, float]:
+    """Set the feedback scale so DFA credits have BP's RMS; returns the scale and the ratios."""
+    _, g = true_state_grads(rule.net, x, y)
+    with torch.no_grad():
+        hs = rule.net.states(x)
+    rule.scale.fill_(1.0)
+    cs = rule.credits_from(hs, y)
+    ratios = [float(t.pow(2).mean().sqrt() / (c.pow(2).mean().sqrt() + 1e-12))
+              for c, t in zip(cs, g, strict=True)]
+    scale = sum(ratios) / len(ratios)
+    rule.scale.fill_(scale)
+    return {"feedback_scale": scale, "ratio_min": min(ratios), "ratio_max": max(ratios)}

@@ -20,10 +20,12 @@ around the current h_l:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
-from models.config.ff import FFDTPRule
+from models.config.ff_rules.dtp import FFDTPRule
 from models.ff.mlp import DeepMLP, act_rms, apply_credit, grad_norms, make_block
 from models.ff.rules.base import Rule
 
@@ -37,6 +39,21 @@ class DTP(Rule):
         self.inverses = self.build(
             lambda: nn.ModuleList(make_block(net.cfg) for _ in range(net.cfg.depth)))
         self.opt = torch.optim.Adam(self.inverses.parameters(), lr=self.cfg.inverse_lr)
+
+    def calibrate(self, x: Tensor, y: Tensor) -> dict[str, Any]:
+        """Pre-train the inverses and check the top/bottom target-norm ratio is in [0.1, 10]."""
+        res = calibrate_dtp(self, x, y, steps=max(self.cfg.pretrain_steps, 1), batch_size=128)
+        if not 0.1 <= res["target_ratio"] <= 10:
+            raise ValueError(f"calibration: DTP top/bottom target-norm ratio "
+                             f"{res['target_ratio']:.3g} after inverse pre-training is outside "
+                             f"[0.1, 10]; raise rules.<row>.pretrain_steps or inverse_lr")
+        return res
+
+    def pretrain(self, x: Tensor, y: Tensor) -> dict[str, float]:
+        """Pre-train this run's inverses on its own net, as calibrate measured."""
+        if self.cfg.pretrain_steps > 0:
+            calibrate_dtp(self, x, y, steps=self.cfg.pretrain_steps, batch_size=128)
+        return {}
 
     def aux(self) -> dict[str, object]:
         return {"inverses": self.inverses, "opt": self.opt}
@@ -96,3 +113,30 @@ class DTP(Rule):
         with torch.no_grad():
             hs = self.net.states(x)
         return self.credits_from(hs, self.targets(hs, y))
+
+
+def target_norm_ratio(rule: DTP, x: Tensor, y: Tensor) -> float:
+    """||tau_L - h_L|| / ||tau_0 - h_0|| (batch means of per-sample norms)."""
+    with torch.no_grad():
+        hs = rule.net.states(x)
+        taus = rule.targets(hs, y)
+        top = (taus[-1] - hs[-1]).norm(dim=-1).mean()
+        bottom = (taus[0] - hs[0]).norm(dim=-1).mean()
+    return float(top / (bottom + 1e-12))
+
+
+def calibrate_dtp(rule: DTP, x: Tensor, y: Tensor, steps: int = 200,
+                  batch_size: int = 128) -> dict[str, float]:
+    """Pre-train the inverses for ``steps`` minibatches of x (rule RNG picks the batches)."""
+    ratio0 = target_norm_ratio(rule, x[:batch_size], y[:batch_size])
+    rec0 = rec = float("nan")
+    for i in range(steps):
+        idx = torch.randint(0, len(x), (min(batch_size, len(x)),), generator=rule.gen)
+        with torch.no_grad():
+            hs = rule.net.states(x[idx.to(x.device)])
+        rec = rule.train_inverses(hs)
+        if i == 0:
+            rec0 = rec
+    return {"inverse_rec_start": rec0, "inverse_rec_end": rec,
+            "target_ratio_start": ratio0,
+            "target_ratio": target_norm_ratio(rule, x[:batch_size], y[:batch_size])}

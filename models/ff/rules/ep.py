@@ -19,10 +19,12 @@ momentum to their own equilibria they crossed into other basins of the non-conve
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
-from models.config.ff import FFEPRule
+from models.config.ff_rules.ep import FFEPRule
 from models.ff.energy import EnergyMLP
 from models.ff.rules.base import Rule, flat_grad_norm
 
@@ -33,6 +35,11 @@ class EP(Rule):
     def __init__(self, net: EnergyMLP, cfg: FFEPRule | None = None, seed: int = 0) -> None:
         super().__init__(net, cfg or FFEPRule(), seed)
         self.net: EnergyMLP = net
+
+    def calibrate(self, x: Tensor, y: Tensor) -> dict[str, Any]:
+        """The free phase's residual after its step cap at initialisation."""
+        _, res = self.net.relax(x, self.net.cfg.free_steps)
+        return {"free_residual": res}
 
     def phases(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor],
                                                     float]:

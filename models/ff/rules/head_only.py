@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from models.config.ff import FFHeadOnlyRule
+from models.config.ff_rules.head_only import FFHeadOnlyRule
 from models.ff.energy import EnergyMLP
 from models.ff.mlp import DeepMLP, act_rms, apply_credit, grad_norms
 from models.ff.rules.base import Rule

@@ -46,12 +46,14 @@ stops adjacent precisions from oscillating (log 000).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.config.ff import FFPCRule
+from models.config.ff_rules.pc import FFPCRule
 from models.ff.mlp import DeepMLP, act_rms, apply_credit, grad_norms
 from models.ff.rules.base import Rule
 
@@ -75,6 +77,18 @@ class PC(Rule):
         self.r_bar = torch.full((n,), r0, dtype=self.dtype, device=self.device)
         self.opt = torch.optim.SGD([self.r], lr=c.precision_lr)
         self.last_ff_loss = float("nan")  # feed-forward loss of the last settle (for stats)
+
+    def calibrate(self, x: Tensor, y: Tensor) -> dict[str, Any]:
+        if not self.cfg.calibrate_settle:
+            return {}
+        try:
+            return calibrate_pc(self, x, y)
+        except RuntimeError as err:
+            raise ValueError(f"calibration: {err}; raise rules.<row>.settle_tol") from None
+
+    def apply_calibration(self, cal: dict[str, Any]) -> None:
+        if self.cfg.calibrate_settle:
+            self.cfg = self.cfg.model_copy(update={"settle_lr": float(cal["settle_lr"])})
 
     def aux(self) -> dict[str, object]:
         return {"opt": self.opt}
@@ -209,3 +223,19 @@ class PC(Rule):
     def credit(self, x: Tensor, y: Tensor) -> list[Tensor]:
         hs, _, _ = self.settle(x, y)
         return self.credits_from(x, hs)
+
+
+def calibrate_pc(rule: PC, x: Tensor, y: Tensor,
+                 step_sizes: Sequence[float] = (0.4, 0.2, 0.1, 0.05)) -> dict[str, float]:
+    """Largest settling step whose settling reaches the rule's tolerance within its iteration
+    cap at initialisation; sets settle_lr. Raises if none does (energy or tolerance wrong)."""
+    old = rule.cfg
+    for lr in sorted(step_sizes, reverse=True):
+        rule.cfg = old.model_copy(update={"settle_lr": lr})
+        _, iters, res = rule.settle(x, y)
+        if res <= rule.cfg.settle_tol:
+            return {"settle_lr": lr, "settle_iters": float(iters), "residual": res}
+    rule.cfg = old
+    raise RuntimeError(f"PC settling reached tol={rule.cfg.settle_tol} within "
+                       f"{rule.cfg.settle_iters} iterations for none of the step sizes "
+                       f"{list(step_sizes)}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from models.config.ff import FFStateBridgeRule
+from models.config.ff_rules.state_bridge import FFStateBridgeRule
 from models.ff.mlp import DeepMLP, act_rms, apply_credit, grad_norms, make_block
 from models.ff.rules.base import Rule
 
