@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.func import grad
 
+from models.eqt import equations as eq
 from models.nets.transformer import CausalSelfAttention, FeedForward
 
 
@@ -93,7 +94,7 @@ class ThickBlock(nn.Module):
         return self.attn(self.ln1(z)) + self.ffn(self.ln2(z))
 
     def forward(self, z: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
-        return -(z - x_in) + self.interaction(z) - self.damping * z
+        return eq.force(z, x_in, self.interaction(z), self.damping)
 
     def interaction_complex(self, z: torch.Tensor) -> torch.Tensor:
         ffn = self.ffn
@@ -103,7 +104,7 @@ class ThickBlock(nn.Module):
 
     def forward_complex(self, z: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
         """Holomorphic extension of ``forward`` (same parameters, complex state)."""
-        return -(z - x_in) + self.interaction_complex(z) - self.damping * z
+        return eq.force(z, x_in, self.interaction_complex(z), self.damping)
 
 
 class ConservativeBlock(nn.Module):
@@ -149,7 +150,7 @@ class ConservativeBlock(nn.Module):
                 + self.interaction_energy(z))
 
     def forward(self, z: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
-        return -(z - x_in) + self.interaction(z) - self.damping * z
+        return eq.force(z, x_in, self.interaction(z), self.damping)
 
 
 def param_group(name: str) -> str:

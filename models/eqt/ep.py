@@ -82,6 +82,7 @@ import torch
 from torch.func import jvp, vjp
 
 from models.config.eqt import NudgeConfig
+from models.eqt import equations as eq
 from models.eqt.relax import RelaxResult
 
 if TYPE_CHECKING:
@@ -106,7 +107,8 @@ def contrast_gradients(model: EquilibriumLM, idx: torch.Tensor, targets: torch.T
     """d/dtheta [<a, F(z*; theta)> + l(z*; theta)], one autograd call, z* and a detached."""
     z_star, a = z_star.detach(), a.detach()
     with torch.enable_grad():
-        s = (a * model.force(z_star, model.x_in(idx))).sum() + model.ce(z_star, targets)
+        s = eq.contrast_objective(a, model.force(z_star, model.x_in(idx)),
+                                  model.ce(z_star, targets))
         names, params = zip(*model.named_parameters(), strict=True)
         gs = torch.autograd.grad(s, params, allow_unused=True)
     return {n: torch.zeros_like(p) if g is None else g
@@ -133,7 +135,7 @@ def remaining_change(rel_inc: float, rho: float) -> float:
     if rho < 0:
         return math.inf
     r = min(rho, RHO_MAX)
-    return rel_inc * r / (1 - r)
+    return float(eq.geometric_tail(rel_inc, r))
 
 
 
@@ -151,14 +153,6 @@ def _correction(fn: Fn, at: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     both = _antisym(fn, torch.cat([at, at]), torch.cat([v.real, v.imag]))
     re, im = both.chunk(2)
     return torch.complex(re, im)
-
-
-def _contrast(z: torch.Tensor, z_star: torch.Tensor, weights: torch.Tensor, r: float,
-              n_phase: int) -> torch.Tensor:
-    """a = -Re[(1/(N r)) sum_k w_k (z_k - z*)] for phases stacked along the batch dim."""
-    d = (z - z_star.repeat(n_phase, 1, 1)).unflatten(0, (n_phase, -1))
-    s = (weights.view(-1, 1, 1, 1) * d).sum(0) / (n_phase * r)
-    return -(s.real if s.is_complex() else s)
 
 
 @torch.no_grad()
@@ -189,23 +183,21 @@ def nudged_contrast(model: EquilibriumLM, idx: torch.Tensor, targets: torch.Tens
     remaining, t, prev_step, rho, tail_head = math.inf, 0, math.inf, -1.0, math.inf
     while t < cap:
         t += 1
-        f = force(z, x_in) - beta_b * scale * model.ce_grad_z(z, tgt)
+        f = eq.nudged_force(force(z, x_in), model.ce_grad_z(z, tgt), beta_b, scale)
         if cfg.aep == "fixed":
             f = f - _correction(interaction, star_k, z - star_k)
         elif cfg.aep == "tracking" and k == 2 and not holo:
             # two real phases: z_+ - zbar = -(z_- - zbar) = d, and (J - J^T) is linear, so one
             # jvp and one vjp at zbar on B rows give both phases' corrections (+c, -c)
-            z_p, z_m = z.chunk(2)
-            zbar = 0.5 * (z_p + z_m)
-            c = _correction(interaction, zbar, z_p - zbar)
-            f = f - torch.cat([c, -c])
+            zbar, d = eq.two_phase_split(z)
+            f = eq.minus_pm(f, _correction(interaction, zbar, d))
         elif cfg.aep == "tracking":
             zbar = z.unflatten(0, (k, -1)).mean(0)
             zbar = (zbar.real if holo else zbar).repeat(k, 1, 1)
             f = f - _correction(interaction, zbar, z - zbar)
-        z = z + eps * f
+        z = eq.relax_step(z, f, eps)
         if cfg.adaptive_t2 and t % cfg.snapshot_every == 0:
-            a = _contrast(z, z_star, weights, r, k)
+            a = eq.contrast(z, z_star, weights, r, k)
             if prev_a is not None and torch.isfinite(a).all():
                 step = float((a - prev_a).norm())
                 inc = step / per_token
@@ -225,7 +217,7 @@ def nudged_contrast(model: EquilibriumLM, idx: torch.Tensor, targets: torch.Tens
                                                   and remaining <= cfg.t2_tol)):
             break
     if best_a is None:
-        best_a = _contrast(z, z_star, weights, r, k)
+        best_a = eq.contrast(z, z_star, weights, r, k)
     best_a = best_a / per_token
     stats = {"t2": float(best_t), "a_norm": float(best_a.norm())}
     if cfg.adaptive_t2:

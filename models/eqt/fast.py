@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from models.config.eqt import BPTTRule, EPRule, FastConfig, NudgeConfig
+from models.eqt import equations as eq
 from models.eqt.ep import RHO_MAX, nudge_points
 from models.eqt.relax import RelaxResult
 from models.eqt.stabilisers import JacregController
@@ -169,16 +170,14 @@ class FastEQ:
 
     # ---- per-step functions (compiled on CUDA)
     def _force(self, z: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
-        c = self.model.block.damping
-        return -(z - x_in) + self._interaction(z).to(self.dtype) - c * z
+        return eq.force(z, x_in, self._interaction(z).to(self.dtype), self.model.block.damping)
 
     def _free_core_eager(self, z: torch.Tensor, x_in: torch.Tensor,
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """z + eps F(z) and res = |eps F(z)| / |z| (the residual before the step)."""
         eps = self.model.relax_cfg.eps
-        f = -(z - x_in) + self.ops.interaction(z).to(self.dtype) - self.model.block.damping * z
-        res = (eps * f).norm() / z.norm().clamp_min(torch.finfo(z.dtype).tiny)
-        return z + eps * f, res
+        f = eq.force(z, x_in, self.ops.interaction(z).to(self.dtype), self.model.block.damping)
+        return eq.relax_step(z, f, eps), eq.relative_residual(f, z, eps)
 
     def _free_step(self, z: torch.Tensor, x_in: torch.Tensor,
                    ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,8 +187,8 @@ class FastEQ:
     def _relax_core_eager(self, z: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
         """z + eps F(z) without the residual (its two norms cost ~10% of a step)."""
         eps = self.model.relax_cfg.eps
-        f = -(z - x_in) + self.ops.interaction(z).to(self.dtype) - self.model.block.damping * z
-        return z + eps * f
+        f = eq.force(z, x_in, self.ops.interaction(z).to(self.dtype), self.model.block.damping)
+        return eq.relax_step(z, f, eps)
 
     def _relax_step(self, z: torch.Tensor, x_in: torch.Tensor, trace: torch.Tensor | None,
                     i: int) -> torch.Tensor:
@@ -202,7 +201,7 @@ class FastEQ:
         return cur
 
     def _force_fp32_eager(self, z: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
-        return -(z - x_in) + self.ops.interaction(z) - self.model.block.damping * z
+        return eq.force(z, x_in, self.ops.interaction(z), self.model.block.damping)
 
     def _nudge_step_eager(self, z: torch.Tensor, x_in2: torch.Tensor, tgt2: torch.Tensor,
                           star2: torch.Tensor, beta_b: torch.Tensor, scale: float,
@@ -213,16 +212,14 @@ class FastEQ:
         eps = self.model.relax_cfg.eps
         with self._matmul_precision(False):
             f = self._force_fp32(z, x_in2)
-        f = f - beta_b * scale * self.model.ce_grad_z(z, tgt2)
+        f = eq.nudged_force(f, self.model.ce_grad_z(z, tgt2), beta_b, scale)
         with self._matmul_precision(self.cfg.tf32), self._amp():
             if aep == "tracking":
-                zp, zm = z.chunk(2)
-                zbar = 0.5 * (zp + zm)
-                corr = self._antisym(zbar, zp - zbar).to(self.dtype)
-                f = f - torch.cat([corr, -corr])
+                zbar, d = eq.two_phase_split(z)
+                f = eq.minus_pm(f, self._antisym(zbar, d).to(self.dtype))
             elif aep == "fixed":
                 f = f - self._antisym(star2, z - star2).to(self.dtype)
-        return z + eps * f
+        return eq.relax_step(z, f, eps)
 
     def _differential_step(self, m_: torch.Tensor, d: torch.Tensor, x_in: torch.Tensor,
                            tgt2: torch.Tensor, r: float, scale: float,
@@ -243,7 +240,9 @@ class FastEQ:
         with self._matmul_precision(self.cfg.tf32), self._amp():
             f = self._force(m_, x_in)
             jtd = self._vjp(m_, d).to(self.dtype) - (1 + c) * d
-        return (m_ + eps * (f - 0.5 * r * (gp - gm)),
+        # m' = m + eps (F(m) - r (G+ - G-)/2); d' = the adjoint step of d nudged by (G+ + G-)/2
+        # (written out: the nudge enters inside the step, in the order the results were made)
+        return (eq.relax_step(m_, f - 0.5 * r * (gp - gm), eps),
                 d + eps * (jtd - 0.5 * r * (gp + gm)))
 
     # ---- buffers
@@ -395,8 +394,7 @@ class FastEQ:
         prev_step, rho = self._buf("nudge/prev_step", scalar), self._buf("nudge/rho", scalar)
 
         def contrast(z: torch.Tensor) -> torch.Tensor:
-            d = (z - z_star.repeat(k, 1, 1)).unflatten(0, (k, -1))
-            return -(weights.view(-1, 1, 1, 1) * d).sum(0) / (k * r)
+            return eq.contrast(z, z_star, weights, r, k)
 
         def advance(n: int, first: bool) -> None:
             """n nudged steps from the buffers; snapshot bookkeeping on the device."""
@@ -429,7 +427,7 @@ class FastEQ:
                                                                  0.5 * (rho + ratio)), rho))
                         prev_step.copy_(torch.where(finite, inc, prev_step))
                         r_ = rho.clamp(max=RHO_MAX)
-                        tail = inc / a.norm().clamp_min(1e-30) * r_ / (1 - r_)
+                        tail = eq.geometric_tail(inc / a.norm().clamp_min(1e-30), r_)
                         inf = torch.full_like(tail, math.inf)
                         rel_out.copy_(torch.where(finite & (rho >= 0), tail, inf))
                     prev_a.copy_(a)
@@ -472,7 +470,7 @@ class FastEQ:
                 x_in = m.x_in(idx)
                 f = self._force(z_star, x_in)
                 ce = m.ce(z_star, tgt)
-                s = (a_out * f).sum() + ce
+                s = eq.contrast_objective(a_out, f, ce)
                 gs = torch.autograd.grad(s, params, allow_unused=True)
             with torch.no_grad():
                 loss_out.copy_(ce.detach().to(self.dtype))
@@ -523,11 +521,11 @@ class FastEQ:
                 if jacreg:
                     probe = torch.randn_like(z_star)
                     jv = self._jvp(z_star, probe).to(self.dtype)
-                    jr = jv.pow(2).sum() / z_star.numel()
+                    jr = eq.jacreg(jv)
                     total = total + lam * jr
                 if resreg > 0:
                     f = self._force(z_t1, m.x_in(idx))
-                    rr = (eps * f).pow(2).sum() / (z_t1.pow(2).sum() + eps)
+                    rr = eq.resreg(f, z_t1, eps)
                     total = total + resreg * rr
                 gs = torch.autograd.grad(total, params, allow_unused=True)
             with torch.no_grad():
@@ -560,7 +558,7 @@ class FastEQ:
         for a_, g in zip(acc, out[1:], strict=True):
             a_.add_(g, alpha=eps)
         gx.add_(lam, alpha=eps)
-        return lam + eps * (out[0].to(self.dtype) - (1 + c) * lam)
+        return eq.adjoint_step(lam, out[0].to(self.dtype), eps, c)
 
     def _bptt_run(self, idx: torch.Tensor, tgt: torch.Tensor, steps: int, segment: int,
                   states: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

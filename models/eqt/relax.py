@@ -15,6 +15,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from models.config.eqt import RelaxConfig
+from models.eqt.equations import relative_residual, relax_step
 
 __all__ = ["RelaxConfig", "RelaxResult", "relax", "relative_residual"]
 
@@ -48,12 +49,8 @@ def _unroll(force: Force, z: torch.Tensor, n: int, eps: float,
     for _ in range(n):
         f = force(z)
         res.append(relative_residual(f.detach(), z.detach(), eps))
-        z = z + eps * f
+        z = relax_step(z, f, eps)
     return z, torch.stack(res)
-
-
-def relative_residual(f: torch.Tensor, z: torch.Tensor, eps: float) -> torch.Tensor:
-    return (eps * f).norm() / z.norm().clamp_min(torch.finfo(z.dtype).tiny)
 
 
 def relax(force: Force, z0: torch.Tensor, cfg: RelaxConfig,
@@ -82,7 +79,7 @@ def relax(force: Force, z0: torch.Tensor, cfg: RelaxConfig,
             while math.isfinite(float(res)) and float(res) > cfg.res_target and steps < cfg.t1max:
                 for _ in range(min(cfg.chunk, cfg.t1max - steps)):
                     trace.append(res)
-                    z = z + cfg.eps * f
+                    z = relax_step(z, f, cfg.eps)
                     f = force(z)
                     res = relative_residual(f, z, cfg.eps)
                     steps += 1

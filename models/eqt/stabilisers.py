@@ -22,6 +22,7 @@ import torch
 from torch.func import jvp
 
 from models.config.eqt import StabiliserConfig
+from models.eqt import equations as eq
 from models.eqt.block import ThickBlock
 from models.eqt.relax import RelaxResult
 from models.eqt.thick_ops import ThickOps
@@ -109,7 +110,7 @@ def jacobian_penalty(model: EquilibriumLM, z: torch.Tensor) -> torch.Tensor:
         jv = ThickOps(model.block).jvp(z, probe)
     else:
         _, jv = jvp(model.block.interaction, (z,), (probe,))
-    return jv.pow(2).sum() / z.numel()
+    return eq.jacreg(jv)
 
 
 def residual_penalty(model: EquilibriumLM, idx: torch.Tensor, z_t1: torch.Tensor) -> torch.Tensor:
@@ -117,7 +118,7 @@ def residual_penalty(model: EquilibriumLM, idx: torch.Tensor, z_t1: torch.Tensor
     eps = model.relax_cfg.eps
     z = z_t1.detach()
     f = model.force(z, model.x_in(idx))
-    return (eps * f).pow(2).sum() / (z.pow(2).sum() + eps)
+    return eq.resreg(f, z, eps)
 
 
 def stabiliser_gradients(model: EquilibriumLM, idx: torch.Tensor, free: RelaxResult,
