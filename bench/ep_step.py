@@ -29,9 +29,9 @@ from models.config.eqt import BPTTRule, EPRule, FastConfig, NudgeConfig
 from models.eqt.diagnostics import grad_cosines
 from models.eqt.fast import FastEQ
 from models.eqt.model import EqShape, EquilibriumLM
-from models.eqt.step import gradients
 from models.eqt.relax import RelaxConfig
 from models.eqt.stabilisers import JacregController
+from models.eqt.step import gradients
 from models.nets.transformer import TransformerLM, TransformerShape
 
 OUT = Path("bench/results/ep_step.json")

@@ -278,3 +278,23 @@ def test_jacreg_gradient_matches_finite_differences_with_qk_norm() -> None:
             down = pen()
             w[i, j] += h
             assert float(g[i, j]) == pytest.approx(float((up - down) / (2 * h)), rel=1e-5)
+
+
+@pytest.mark.parametrize("rule", ["ep", "bptt"])
+def test_what_the_fast_path_returns_is_safe_to_keep(rule: str) -> None:
+    """A later call rewrites the engine's static buffers; the gradients and states it returned
+    before must not change with them (no views of those buffers)."""
+    model, idx, tgt = make(2)
+    cfg = (EPRule(nudge=NudgeConfig(beta=1e-3, t2=8), stab=StabiliserConfig(controller=False))
+           if rule == "ep" else BPTTRule(stab=StabiliserConfig(controller=False)))
+    fast = FastEQ(model, FastConfig(graphs=False, compile=False))
+    g1, _ = fast.gradients(idx, tgt, cfg)
+    free1 = fast.free_phase(idx)
+    kept = ({n: t.clone() for n, t in g1.items()}, free1.z.clone(), free1.z_t1.clone())
+    idx2, tgt2 = torch.randint(0, 11, idx.shape), torch.randint(0, 11, tgt.shape)
+    g2, _ = fast.gradients(idx2, tgt2, cfg)
+    fast.free_phase(idx2)
+    assert any(not torch.equal(g1[n], g2[n]) for n in g1)  # the second call did differ
+    for n in g1:
+        assert torch.equal(g1[n], kept[0][n]), n
+    assert torch.equal(free1.z, kept[1]) and torch.equal(free1.z_t1, kept[2])

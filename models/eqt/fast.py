@@ -51,6 +51,7 @@ from torch import nn
 
 from models.config.eqt import BPTTRule, EPRule, FastConfig, NudgeConfig
 from models.eqt import equations as eq
+from models.eqt import step
 from models.eqt.ep import RHO_MAX, nudge_points
 from models.eqt.relax import RelaxResult
 from models.eqt.stabilisers import JacregController
@@ -339,9 +340,10 @@ class FastEQ:
             steps += n
             res = float(res_buf)
         trace.append(res)
-        z = self._out["z"]
+        # copies: the graphs rewrite their buffers on the next call (what is returned is kept)
+        z = self._out["z"].clone()
         finite = bool(torch.isfinite(z).all())
-        return RelaxResult(z=z, z_t1=self._out["z_t1"],
+        return RelaxResult(z=z, z_t1=self._out["z_t1"].clone(),
                            residual=res if finite else math.inf,
                            residual_t1=res_t1 if finite else math.inf, steps=steps, trace=trace)
 
@@ -667,9 +669,9 @@ class FastEQ:
         else:
             free = self.free_phase(idx)
             free_res, res_t1 = free.residual, free.residual_t1
-            gate_shut = stab.gate is not None and not free.residual <= stab.gate
+            shut = step.gate_shut(stab, free.residual)
             stats = {"residual": free.residual, "settle_iters": float(free.steps)}
-            if gate_shut:
+            if shut:
                 zero_task = True
             else:
                 nudge_stats = self._nudged_phase(shape, rule_cfg.nudge)
@@ -679,12 +681,13 @@ class FastEQ:
                 if rule_cfg.nudge.adaptive_t2:
                     stats["a_increment"] = float(self._out["a_inc"])
                 stats.update(nudge_stats)
-            stats["gate_skipped"] = float(gate_shut)
-        task = {n: torch.zeros_like(p) if zero_task else self._out[f"task/{n}"]
+            stats["gate_skipped"] = float(shut)
+        # copies of the static buffers (the next replay rewrites them): safe to keep
+        task = {n: torch.zeros_like(p) if zero_task else self._out[f"task/{n}"].clone()
                 for n, p in self.model.named_parameters()}
-        lam = controller.lam if controller is not None else stab.jacreg
+        lam = step.jacreg_weight(stab, controller)
         stats["lambda"] = lam
-        grads = task
+        extra: dict[str, torch.Tensor] = {}
         if lam > 0 or stab.resreg > 0:
             self._buf("lam", torch.zeros((), device=self.device, dtype=self.dtype)).fill_(lam)
             self._stab_graph(shape, lam > 0, stab.resreg)()
@@ -692,10 +695,5 @@ class FastEQ:
                 stats["term/jacreg"] = float(self._out["jacreg"])
             if stab.resreg > 0:
                 stats["term/resreg"] = float(self._out["resreg"])
-            grads = {n: task[n] + self._out[f"stab/{n}"] for n in task}
-        stats["residual_t1"] = res_t1
-        if controller is not None:
-            controller.update(res_t1 if stab.control == "t1" else free_res,
-                              stats.get("a_tail_head"))
-        stats["grad/global"] = float(torch.sqrt(sum(g.pow(2).sum() for g in grads.values())))
-        return grads, stats
+            extra = {n: self._out[f"stab/{n}"] for n in task}
+        return step.finish(task, extra, stats, stab, controller, free_res, res_t1)

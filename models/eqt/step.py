@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from models.config.eqt import BPTTRule, EPRule
+from models.config.eqt import BPTTRule, EPRule, StabiliserConfig
 from models.eqt import bptt, ep, implicit, stabilisers
 from models.eqt.model import EquilibriumLM
 
@@ -32,22 +32,43 @@ def gradients(model: EquilibriumLM, idx: torch.Tensor, targets: torch.Tensor,
         task, stats, free = bptt.bptt_gradients(model, idx, targets)
     else:
         free = model.free_phase(idx)
-        gate_shut = stab.gate is not None and not free.residual <= stab.gate
-        if gate_shut:
+        shut = gate_shut(stab, free.residual)
+        if shut:
             task = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
             stats = {"residual": free.residual, "settle_iters": float(free.steps)}
         elif isinstance(rule_cfg, EPRule):
             task, stats = ep.ep_gradients(model, idx, targets, rule_cfg.nudge, free)
         else:
             task, stats = implicit.implicit_gradients(model, idx, targets, rule_cfg, free)
-        stats["gate_skipped"] = float(gate_shut)
-    lam = controller.lam if controller is not None else stab.jacreg
-    extra, extra_stats = stabilisers.stabiliser_gradients(model, idx, free, stab, lam)
+        stats["gate_skipped"] = float(shut)
+    extra, extra_stats = stabilisers.stabiliser_gradients(model, idx, free, stab,
+                                                          jacreg_weight(stab, controller))
     stats.update(extra_stats)
+    return finish(task, extra, stats, stab, controller, free.residual, free.residual_t1)
+
+
+def gate_shut(stab: StabiliserConfig, residual: float) -> bool:
+    """The validity gate: above ``stab.gate`` (or non-finite) the free phase is no equilibrium,
+    and the step keeps the stabilisers only."""
+    return stab.gate is not None and not residual <= stab.gate
+
+
+def jacreg_weight(stab: StabiliserConfig, controller: stabilisers.JacregController | None) -> float:
+    """lambda of this step: the controller's, else the fixed ``stab.jacreg``."""
+    return controller.lam if controller is not None else stab.jacreg
+
+
+def finish(task: dict[str, torch.Tensor], extra: dict[str, torch.Tensor], stats: dict[str, float],
+           stab: StabiliserConfig, controller: stabilisers.JacregController | None,
+           residual: float, residual_t1: float,
+           ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """The end of every step, eager or fast: task + stabiliser gradients, the controller's
+    update with this step's residual (after T1 steps or at the end, ``stab.control``; and the
+    nudged tail where the controller follows the adjoint), the global gradient norm."""
     if controller is not None:
-        controller.update(free.residual_t1 if stab.control == "t1" else free.residual,
+        controller.update(residual_t1 if stab.control == "t1" else residual,
                           stats.get("a_tail_head"))
-    stats["residual_t1"] = free.residual_t1
+    stats["residual_t1"] = residual_t1
     grads = {n: task[n] + extra[n] if n in extra else task[n] for n in task}
     stats["grad/global"] = float(torch.sqrt(sum(g.pow(2).sum() for g in grads.values())))
     return grads, stats

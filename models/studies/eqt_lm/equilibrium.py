@@ -138,7 +138,6 @@ class Equilibrium(LearningRule):
         if self._fast_for(model) is not None:
             assert self.fast is not None
             g, stats = self.fast.gradients(x, y, EPRule(nudge=self.cfg.nudge, stab=plain))
-            g = {n: t.clone() for n, t in g.items()}
             free = None
         else:
             free = model.free_phase(x)
@@ -167,13 +166,9 @@ class Equilibrium(LearningRule):
         fast = self._fast_for(model)
         plain = StabiliserConfig(controller=False)
         if fast is not None:  # the eager BPTT needs ~28 GB at the log's shape
-            if free is not None:  # may view the engine's z buffer, which the BPTT graph rewrites
-                free.z = free.z.clone()
             g_t1, _ = fast.gradients(x, y, BPTTRule(stab=plain))
-            g_t1 = {n: t.clone() for n, t in g_t1.items()}
             if free is None:
                 free = fast.free_phase(x)
-                free.z = free.z.clone()
         else:
             g_t1, _, _ = eqt_bptt.bptt_gradients(model, x, y)
             free = free if free is not None else model.free_phase(x)
