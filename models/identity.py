@@ -20,7 +20,7 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,21 +154,21 @@ def source_digest(path: Path) -> str:
 
 def code_hash(paths: Iterable[str | Path], root: Path = ROOT) -> str:
     """One short hash over the names and meaning (``source_digest``) of source files."""
-    digest = hashlib.sha256()
-    for rel in sorted(str(p) for p in paths):
-        path = root / rel
-        digest.update(rel.encode() + b"\0")
-        digest.update(source_digest(path).encode() if path.is_file() else b"<missing>")
-    return digest.hexdigest()[:16]
+    return _names_and_digests(paths, root, source_digest)
 
 
 def files_hash(paths: Iterable[str | Path], root: Path = Path(".")) -> str:
     """One short hash over the names and contents of ``paths`` (missing files hash as such)."""
+    return _names_and_digests(paths, root, file_sha256)
+
+
+def _names_and_digests(paths: Iterable[str | Path], root: Path,
+                       digest_of: Callable[[Path], str]) -> str:
     digest = hashlib.sha256()
     for rel in sorted(str(p) for p in paths):
         path = root / rel
         digest.update(rel.encode() + b"\0")
-        digest.update(file_sha256(path).encode() if path.is_file() else b"<missing>")
+        digest.update(digest_of(path).encode() if path.is_file() else b"<missing>")
     return digest.hexdigest()[:16]
 
 
