@@ -62,6 +62,8 @@ def run_segment(trainer: Trainable, seg: Segment, cfg: TrainConfig, identity: di
                 if done % cfg.eval_every == 0 or done == cfg.steps:
                     row.update(trainer.evaluate())
                 rows.append(row)
+                if not bar.console.is_terminal:  # a batch job's log: one line per logged step
+                    bar.console.print(status_line(label, row), highlight=False, soft_wrap=True)
                 clock, window_start = time.perf_counter(), done
                 reason = guard(row) if guard else None
                 if reason:
@@ -87,6 +89,16 @@ def read_logs(log_dir: Path) -> list[dict[str, float]]:
     for path in sorted(log_dir.glob("seg*.jsonl")):
         rows.extend(json.loads(line) for line in path.read_text().splitlines() if line)
     return rows
+
+
+STATUS_KEYS = ("loss", "val_loss", "t2", "lambda", "residual", "time/ms_per_step")
+
+
+def status_line(label: str, row: dict[str, float]) -> str:
+    """One logged step as a line, for logs that are no terminal (a cluster job's or a GPU
+    machine's output), where the transient progress bar is never drawn."""
+    parts = [f"{k.split('/')[-1]} {row[k]:.4g}" for k in STATUS_KEYS if k in row]
+    return f"{label} step {int(row['step'])}: " + ", ".join(parts)
 
 
 def progress_bar() -> Progress:
