@@ -21,6 +21,7 @@ import torch
 
 from models import io
 from models.config import load_params
+from models.context import RunContext
 from models.studies.eqt_lm import build
 
 OUT = Path("bench/results/ep_cpu_step.json")
@@ -38,7 +39,7 @@ def main() -> None:
     study = load_params(args.params).study("eqt_lm")
     results = {}
     for row in args.rows:
-        trainer = build(study, row, seed=0, relax=None, device=torch.device("cpu"))
+        trainer = build(study, row, seed=0, relax=None, ctx=RunContext(torch.device("cpu")))
         lr = study.row_train(row).lr
         times, t2 = [], []
         for step in range(args.warmup + args.steps):

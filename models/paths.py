@@ -62,16 +62,16 @@ def calibration_file(study: str, row: str) -> Path:
     return study_dir(study, "calibration") / f"{row}.json"
 
 
-def text_dir() -> Path:
-    return DATA / "text"
+def text_dir(data: Path = DATA) -> Path:
+    return data / "text"
 
 
-def tokens_dir() -> Path:
-    return DATA / "tokens"
+def tokens_dir(data: Path = DATA) -> Path:
+    return data / "tokens"
 
 
-def mnist1d_file() -> Path:
-    return DATA / "mnist1d" / "data.npz"
+def mnist1d_file(data: Path = DATA) -> Path:
+    return data / "mnist1d" / "data.npz"
 
 
 def dataset_files(dataset: str) -> list[Path]:

@@ -8,6 +8,7 @@ import typer
 
 from models import io
 from models.config import Params
+from models.context import RunContext
 from models.pipeline import calibration_file, calibration_identity, study_dir
 from models.studies import get_study
 from models.training.device import resolve_device
@@ -49,7 +50,7 @@ def main(study: str = typer.Option(..., help="Study key under params `studies`, 
 
 
 def _calibrate(cfg: Params, study: str, row: str) -> None:
-    result = get_study(study).calibrate(cfg, row, resolve_device(cfg.device))
+    result = get_study(study).calibrate(cfg, row, RunContext(resolve_device(cfg.device)))
     out = calibration_file(study, row)
     io.write_json(out, {**result, "identity": calibration_identity(cfg, study, row)})
     print(f"calibrate: {study}/{row} -> {out}")

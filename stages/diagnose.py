@@ -11,6 +11,7 @@ import typer
 
 from models import io
 from models.config import Params
+from models.context import RunContext
 from models.health import Finding, Severity, calibration_extras, run_all
 from models.pipeline import RunSpec, diagnose_identity, run_config, run_identity, runs, study_dir
 from models.studies import get_study
@@ -75,12 +76,12 @@ def _diagnose(cfg: Params, spec: RunSpec, force: bool, any_identity: bool) -> li
             return [Finding.from_dict(f) for f in previous.get("health", [])]
     state = checkpoint.load(last_ckpt, identity=None if any_identity else run_identity(cfg, spec),
                             step=train_cfg.steps)
-    device = _device(cfg.device)
+    ctx = RunContext(_device(cfg.device))
     impl = get_study(spec.study)
     calibration = io.read_json(spec.calibration)
-    trainer = impl.build_trainer(cfg, spec, calibration, device)
+    trainer = impl.build_trainer(cfg, spec, calibration, ctx)
     trainer.load_state_dict(state["trainer"])
-    result = impl.diagnose(cfg, spec, trainer, device)
+    result = impl.diagnose(cfg, spec, trainer, ctx)
     logs = read_logs(spec.log_dir)
     val = [r["val_loss"] for r in logs if "val_loss" in r]
     if val:  # studies whose evaluation reports a held-out loss

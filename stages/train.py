@@ -10,6 +10,7 @@ import typer
 
 from models import io
 from models.config import Params
+from models.context import RunContext
 from models.health import calibration_extras, live_guard
 from models.pipeline import RunSpec, run_config, run_identity, runs, study_dir
 from models.studies import get_study
@@ -66,9 +67,9 @@ def _train_segment(cfg: Params, spec: RunSpec, segment: int) -> None:
     if not spec.calibration.is_file():
         raise FileNotFoundError(f"{spec.calibration} not found; run `python -m stages.calibrate "
                                 f"--study {spec.study} --row {spec.row}`")
-    device = resolve_device(cfg.device)
+    ctx = RunContext(resolve_device(cfg.device))
     calibration = io.read_json(spec.calibration)
-    trainer = get_study(spec.study).build_trainer(cfg, spec, calibration, device)
+    trainer = get_study(spec.study).build_trainer(cfg, spec, calibration, ctx)
     seg = Segment(index=segment, start=segment * train_cfg.segment_steps,
                   end=train_cfg.segment_end(segment), ckpt=spec.ckpt(segment),
                   prev_ckpt=spec.ckpt(segment - 1) if segment else None, log=spec.log(segment))

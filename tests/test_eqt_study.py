@@ -10,6 +10,7 @@ import torch
 
 from models import io
 from models.config import ConfigError, validate_params
+from models.context import RunContext
 from models.data.tokens import train_codec, write_tokens
 from models.pipeline import RunSpec, tokens_dir, training_fingerprint
 from models.studies import get_study
@@ -42,16 +43,17 @@ def _corpus(root: Path) -> None:
     io.write_json(out / "meta.json", {"kind": "char", "vocab_size": codec.vocab_size})
 
 
-def _train(segment_steps: int, run_dir: str, calibration: dict) -> tuple[dict, list[dict]]:
+def _train(segment_steps: int, run_dir: Path, calibration: dict,
+           ctx: RunContext) -> tuple[dict, list[dict]]:
     params = validate_params(_params(segment_steps))
     spec = RunSpec("eqt_lm", "ep", 0)
     study = get_study("eqt_lm")
     cfg = params.study("eqt_lm").row_train("ep")
     fp = {"config": training_fingerprint(params, spec)}  # a run identity (config part only)
     rows: list[dict] = []
-    root = Path(run_dir)
+    root = run_dir
     for index in range(cfg.n_segments):
-        trainer = study.build_trainer(params, spec, calibration, torch.device("cpu"))
+        trainer = study.build_trainer(params, spec, calibration, ctx)
         seg = Segment(index=index, start=index * cfg.segment_steps, end=cfg.segment_end(index),
                       ckpt=root / f"seg{index}.pt",
                       prev_ckpt=root / f"seg{index - 1}.pt" if index else None,
@@ -60,12 +62,13 @@ def _train(segment_steps: int, run_dir: str, calibration: dict) -> tuple[dict, l
     return trainer.state_dict(), rows  # type: ignore[return-value]
 
 
-def test_ep_row_resume_is_bit_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
+def test_ep_row_resume_is_bit_exact(tmp_path: Path) -> None:
+    # no chdir: the study reads its corpus from the context's data folder alone
     _corpus(tmp_path)
+    ctx = RunContext(torch.device("cpu"), data=tmp_path / "data")
     calibration = {"relax": {"eps": 0.25, "t1": 8, "t1max": 20, "res_target": 1e-4, "chunk": 10}}
-    whole, rows_whole = _train(STEPS, "one", calibration)
-    parts, rows_parts = _train(2, "three", calibration)
+    whole, rows_whole = _train(STEPS, tmp_path / "one", calibration, ctx)
+    parts, rows_parts = _train(2, tmp_path / "three", calibration, ctx)
     for name, p in whole["model"].items():
         assert torch.equal(p, parts["model"][name]), name
     assert whole["rule"]["controller"] == parts["rule"]["controller"]

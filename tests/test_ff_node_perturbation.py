@@ -12,6 +12,7 @@ import torch
 
 from models.config import validate_params
 from models.config.ff_rules.node_perturbation import FFNodePerturbationRule
+from models.context import RunContext
 from models.ff.mlp import DeepMLP, MLPConfig, true_state_grads
 from models.ff.rules import KINDS, rule_class
 from models.ff.rules.node_perturbation import NodePerturbation
@@ -64,7 +65,7 @@ def test_a_params_row_of_it_trains_through_the_study() -> None:
                   "log_every": 2, "eval_every": 4, "eval_batches": 1},
         "task": {"d_in": 4, "d_out": 3, "n_train": 64, "n_test": 32},
         "rules": {"np": {"kind": "node_perturbation", "sigma": 1e-3}}}}})
-    study, cpu = get_study("rules_lq"), torch.device("cpu")
+    study, cpu = get_study("rules_lq"), RunContext(torch.device("cpu"))
     cal = study.calibrate(params, "np", cpu)
     trainer = study.build_trainer(params, RunSpec("rules_lq", "np", 0), cal, cpu)
     stats = [trainer.train_step(s, 1e-2) for s in range(4)]

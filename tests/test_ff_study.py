@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from models.config import ConfigError, validate_params
+from models.context import RunContext
 from models.ff.tasks import Split
 from models.pipeline import RunSpec, training_fingerprint
 from models.studies import get_study, rules_ladder
@@ -16,7 +17,7 @@ from models.training.schedule import lr_at
 from models.training.segments import Segment, run_segment
 
 torch.set_num_threads(2)
-CPU = torch.device("cpu")
+CPU = RunContext(torch.device("cpu"))
 TRAIN = {"batch_size": 16, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 3, "weight_decay": 0.0,
          "log_every": 5, "eval_every": 10, "eval_batches": 1}
 
@@ -103,7 +104,7 @@ def test_diagnose_reads_the_held_out_test_split(monkeypatch: pytest.MonkeyPatch)
     for step in range(cfg.steps):
         trainer.train_step(step, lr_at(step, cfg))
     net = trainer.cells["a1_L2"].model  # type: ignore[attr-defined]
-    _, _, d = study._cells(params, "dfa", 0, CPU)["a1_L2"]  # type: ignore[attr-defined]
+    _, _, d = study._cells(params, "dfa", 0, CPU.device)["a1_L2"]  # type: ignore[attr-defined]
     assert len(d.x_test) == 100 and len(d.x_fit) + len(d.x_val) == 200
     state = trainer.state_dict()
     before = study.diagnose(params, spec, trainer, CPU)["metrics"]

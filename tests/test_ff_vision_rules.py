@@ -19,11 +19,12 @@ import torch
 from conftest import ROOT
 
 from models.config import load_params
+from models.context import RunContext
 from models.pipeline import RunSpec
 from models.studies import get_study
 from models.training.schedule import lr_at
 
-CPU = torch.device("cpu")
+CPU = RunContext(torch.device("cpu"))
 MARGIN = 0.12  # rules reach 0.55-0.60 at these settings, the head alone 0.31-0.32
 SEED = 1
 

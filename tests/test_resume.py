@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from models.config import load_params
+from models.context import RunContext
 from models.pipeline import RunSpec, training_fingerprint
 from models.studies import get_study
 from models.training.device import limit_threads
@@ -41,7 +42,7 @@ def _train_in_process(spec: RunSpec, n_segments: int, tag: str) -> dict:
     prev = None
     for i in range(n_segments):
         torch.manual_seed(1234 + i)  # scramble global RNG: the checkpoint must restore it
-        trainer = study.build_trainer(params, spec, {}, torch.device("cpu"))
+        trainer = study.build_trainer(params, spec, {}, RunContext(torch.device("cpu")))
         ckpt = spec.dir / tag / f"seg{i}.pt"
         seg = Segment(i, i * size, (i + 1) * size, ckpt, prev, spec.dir / tag / f"seg{i}.jsonl")
         run_segment(trainer, seg, cfg.model_copy(update={"segment_steps": size}), fp)

@@ -13,6 +13,7 @@ from torch import nn
 
 from models import io
 from models.config import validate_params
+from models.context import RunContext
 from models.data.tokens import train_codec, write_tokens
 from models.health import run_all
 from models.pipeline import tokens_dir
@@ -20,7 +21,7 @@ from models.seq import dtp
 from models.studies import get_study
 
 torch.set_num_threads(1)
-CPU = torch.device("cpu")
+CPU = RunContext(torch.device("cpu"))
 
 
 def _linear(weight: torch.Tensor) -> nn.Linear:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from models.config import ConfigError, validate_params
+from models.context import RunContext
 from models.health import run_all
 from models.pipeline import RunSpec, training_fingerprint
 from models.studies import get_study
@@ -21,7 +22,7 @@ from tests.test_ff_study import assert_same
 from tests.test_seq_dtp import _corpus
 
 torch.set_num_threads(1)
-CPU = torch.device("cpu")
+CPU = RunContext(torch.device("cpu"))
 STEPS = 6
 TRAIN = {"batch_size": 8, "steps": STEPS, "warmup_steps": 2, "decay_steps": STEPS,
          "log_every": 1, "eval_every": 3, "eval_batches": 1}

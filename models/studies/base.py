@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # annotations only: the registry (models.studies) stays free of torch
-    import torch
 
     from models.config import Params
+    from models.context import RunContext
     from models.paths import RunSpec
 
 
@@ -33,20 +33,21 @@ class Trainable(Protocol):
 
 
 class Study(Protocol):
-    """What the stages call for one study."""
+    """What the stages call for one study. ``ctx`` carries the device and the prepared data
+    (``models.context``): a study reads data through it alone."""
 
     name: str
     title: str
     columns: tuple[tuple[str, str], ...]  # (metric key, label) of the result table, in order
     plots: tuple[tuple[str, str], ...]  # (logged key, label): one learning-curve figure each
 
-    def calibrate(self, params: Params, row: str, device: torch.device) -> dict[str, Any]: ...
+    def calibrate(self, params: Params, row: str, ctx: RunContext) -> dict[str, Any]: ...
 
     def build_trainer(self, params: Params, spec: RunSpec, calibration: dict[str, Any],
-                      device: torch.device) -> Trainable: ...
+                      ctx: RunContext) -> Trainable: ...
 
     def diagnose(self, params: Params, spec: RunSpec, trainer: Trainable,
-                 device: torch.device) -> dict[str, Any]: ...
+                 ctx: RunContext) -> dict[str, Any]: ...
 
 
 

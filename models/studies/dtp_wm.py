@@ -29,18 +29,11 @@ from torch import Tensor, nn
 
 from models.config import Params, TrainConfig
 from models.config.seq import DTPRule, DTPWMConfig, WorldModelConfig
-from models.data.tokens import load_codec
-from models.pipeline import RunSpec, tokens_dir
+from models.context import RunContext
+from models.pipeline import RunSpec
 from models.seq import dtp
 from models.seq.precision import Precision
-from models.studies.seq_common import (
-    EVAL_SEED,
-    check_init_loss,
-    lm_health,
-    train_tokens,
-    val_tokens,
-    vocab_size,
-)
+from models.studies.seq_common import EVAL_SEED, check_init_loss, lm_health
 from models.training import rng
 from models.training.batches import Batches
 from models.training.trainer import Backprop, LearningRule, Trainer
@@ -180,10 +173,11 @@ class DifferenceTargetProp(LearningRule):
     def log_stats(self, model: nn.Module) -> dict[str, float]:
         return rollout_stats(model, self.rollout)  # type: ignore[arg-type]
 
-    def target_norms(self, model: dtp.WorldModel, batch_size: int, batches: int, gain: float,
-                     device: torch.device) -> dict[str, float]:
-        """Mean target statistics over ``batches`` training windows from a fixed generator."""
-        windows = NoisyWindows(train_tokens(), model.cfg, batch_size, 1, 1, device)
+    def target_norms(self, model: dtp.WorldModel, tokens: np.ndarray, batch_size: int,
+                     batches: int, gain: float, device: torch.device) -> dict[str, float]:
+        """Mean target statistics over ``batches`` windows of ``tokens`` (the training split)
+        from a fixed generator."""
+        windows = NoisyWindows(tokens, model.cfg, batch_size, 1, 1, device)
         rows = []
         for _ in range(batches):
             x, y, eps = windows.next()
@@ -211,30 +205,31 @@ def slot_mask(model: dtp.WorldModel, r: dtp.Rollout, tau: dtp.Targets) -> np.nda
 
 
 def build(study: DTPWMConfig, row: str, seed: int, time_gain: float,
-          device: torch.device) -> Trainer:
+          ctx: RunContext) -> Trainer:
     """A row's world model, rule (DTP, or BPTT) and training windows with their noise."""
     rule_cfg, model_cfg, train_cfg = study.rules[row], study.row_model(row), study.row_train(row)
     rng.seed_everything(seed)
-    model = dtp.WorldModel(model_cfg, vocab_size()).to(device)
-    batches = NoisyWindows(train_tokens(), model_cfg, train_cfg.batch_size, seed, seed + 7919,
+    device, tokens = ctx.device, ctx.tokens
+    model = dtp.WorldModel(model_cfg, tokens.vocab_size).to(device)
+    batches = NoisyWindows(tokens.train, model_cfg, train_cfg.batch_size, seed, seed + 7919,
                            device)
     rule: LearningRule = (DifferenceTargetProp(model, rule_cfg, time_gain, batches.gen, device)
                           if isinstance(rule_cfg, DTPRule) else WorldModelBP())
 
     def evaluate(m: nn.Module) -> dict[str, float]:
-        ce, ent = held_out(m, train_cfg, train_cfg.eval_batches, EVAL_SEED, device)
+        ce, ent = held_out(m, tokens.val, train_cfg, train_cfg.eval_batches, EVAL_SEED, device)
         return {"val_loss": ce, "val_entropy": ent}
 
     return Trainer(model, rule, batches, evaluate, train_cfg)
 
 
 @torch.no_grad()
-def held_out(model: nn.Module, cfg: TrainConfig, batches: int, seed: int,
+def held_out(model: nn.Module, val: np.ndarray, cfg: TrainConfig, batches: int, seed: int,
              device: torch.device) -> tuple[float, float]:
     """Predictive CE and entropy under the prior on fixed validation windows (private
     generators: the training RNG is untouched)."""
     assert isinstance(model, dtp.WorldModel)
-    windows = Windows(val_tokens(), model.cfg.block_size, cfg.batch_size, seed, device)
+    windows = Windows(val, model.cfg.block_size, cfg.batch_size, seed, device)
     gen = torch.Generator().manual_seed(seed)
     ce, ent = [], []
     for _ in range(batches):
@@ -286,28 +281,31 @@ class DTPWMStudy:
         return "\n".join(lines)
 
     def build_trainer(self, params: Params, spec: RunSpec, calibration: dict[str, Any],
-                      device: torch.device) -> Trainer:
+                      ctx: RunContext) -> Trainer:
         return build(params.study_as(spec.study, DTPWMConfig), spec.row, spec.seed,
-                     float(calibration.get("time_gain", 1.0)), device)
+                     float(calibration.get("time_gain", 1.0)), ctx)
 
-    def calibrate(self, params: Params, row: str, device: torch.device) -> dict[str, Any]:
+    def calibrate(self, params: Params, row: str, ctx: RunContext) -> dict[str, Any]:
         """Initial predictive CE vs ln V and the references; for DTP: pre-train the inverses,
         then the largest temporal gain (``TIME_GAINS``, or the row's fixed ``time_gain``) whose
         earliest-state target norm is within 2x of the top's, and the per-layer target norms."""
-        trainer = build(params.study_as(self.name, DTPWMConfig), row, 0, 1.0, device)
+        trainer = build(params.study_as(self.name, DTPWMConfig), row, 0, 1.0, ctx)
         model, rule = trainer.model, trainer.rule
         assert isinstance(model, dtp.WorldModel)
-        init_loss, init_ent = held_out(model, trainer.cfg, 2, EVAL_SEED, device)
-        check_init_loss(init_loss, self.name)
-        out: dict[str, Any] = {"ln_vocab": math.log(vocab_size()), "init_val_loss": init_loss,
-                               "init_entropy": init_ent, "health": lm_health(init_loss)}
+        tokens = ctx.tokens
+        init_loss, init_ent = held_out(model, tokens.val, trainer.cfg, 2, EVAL_SEED, ctx.device)
+        check_init_loss(init_loss, tokens.vocab_size, self.name)
+        out: dict[str, Any] = {"ln_vocab": math.log(tokens.vocab_size),
+                               "init_val_loss": init_loss, "init_entropy": init_ent,
+                               "health": lm_health(tokens, init_loss)}
         if not isinstance(rule, DifferenceTargetProp):
             return out
         rec = rule.pretrain(model, trainer.batches)["inverse_pretrain_rec"]
         gains = (rule.cfg.time_gain,) if rule.cfg.time_gain is not None else TIME_GAINS
         tried = {}
         for gain in gains:
-            norms = rule.target_norms(model, trainer.cfg.batch_size, 2, gain, device)
+            norms = rule.target_norms(model, tokens.train, trainer.cfg.batch_size, 2, gain,
+                                      ctx.device)
             tried[str(gain)] = norms
             if 0.5 <= target_ratio(norms) <= 2.0:
                 break
@@ -320,16 +318,17 @@ class DTPWMStudy:
         return out
 
     def diagnose(self, params: Params, spec: RunSpec, trainer: Trainer,
-                 device: torch.device) -> dict[str, Any]:
+                 ctx: RunContext) -> dict[str, Any]:
         """Held-out predictive CE and entropy, the entropy/KL trajectories (first and last
         logged rows), target norms and slot coverage on held-out windows, text samples."""
         from models.training.segments import read_logs
 
         model, rule = trainer.model, trainer.rule
         assert isinstance(model, dtp.WorldModel)
-        ce, ent = held_out(model, trainer.cfg, 2 * trainer.cfg.eval_batches, EVAL_SEED + 1,
-                           device)
-        v = vocab_size()
+        device, tokens = ctx.device, ctx.tokens
+        ce, ent = held_out(model, tokens.val, trainer.cfg, 2 * trainer.cfg.eval_batches,
+                           EVAL_SEED + 1, device)
+        v = tokens.vocab_size
         metrics: dict[str, float] = {"val_loss": ce, "val_entropy": ent, "ln_vocab": math.log(v),
                                      "ce_over_ln_vocab": ce / math.log(v)}
         logs = [r for r in read_logs(spec.log_dir) if "kl" in r]
@@ -338,7 +337,7 @@ class DTPWMStudy:
                             "kl_first": logs[0]["kl"], "kl_last": logs[-1]["kl"]})
         extras: dict[str, Any] = {"vocab_size": v}
         if isinstance(rule, DifferenceTargetProp):
-            windows = NoisyWindows(val_tokens(), model.cfg, trainer.cfg.batch_size,
+            windows = NoisyWindows(tokens.val, model.cfg, trainer.cfg.batch_size,
                                    EVAL_SEED + 2, EVAL_SEED, device)
             x, y, eps = windows.next()
             with torch.no_grad():
@@ -350,7 +349,7 @@ class DTPWMStudy:
             metrics["target_ratio"] = target_ratio(stats)
             metrics["slot_coverage"] = float(mask.mean())
             extras["coverage_slots"] = {"state_slots": mask.astype(int).tolist()}
-        codec = load_codec(tokens_dir() / "tokenizer.json")
+        codec = tokens.codec
         gen = torch.Generator().manual_seed(0)
         samples = [codec.decode(dtp.generate(model, codec.encode(p), 80, gen))
                    for p in ("Once upon a time", "Question: How many")]

@@ -29,18 +29,12 @@ from torch import Tensor, nn
 from models import io
 from models.config import Params, TrainConfig
 from models.config.seq import PCRule, PCSeqConfig
+from models.context import RunContext
 from models.pipeline import RunSpec
 from models.seq import pc
 from models.seq.memory import PeakMemory
 from models.seq.precision import Precision
-from models.studies.seq_common import (
-    EVAL_SEED,
-    check_init_loss,
-    lm_health,
-    train_tokens,
-    val_tokens,
-    vocab_size,
-)
+from models.studies.seq_common import EVAL_SEED, check_init_loss, lm_health
 from models.training import rng
 from models.training.trainer import Backprop, LearningRule, Trainer
 from models.training.windows import Windows
@@ -143,22 +137,23 @@ class PredictiveCoding(LearningRule):
 
 
 def build(study: PCSeqConfig, row: str, seed: int, settle_step: float,
-          device: torch.device) -> Trainer:
+          ctx: RunContext) -> Trainer:
     """A row's net, rule (PC, or BP through the prediction pass) and training windows.
 
     AdamW in per-layer groups: Adam's moments are per weight, so they keep the PC update local
     (the log's "no optimizer" is read as: no global backward pass); the PC row adapts the
     groups' LR gains (``layer_rate``)."""
     rule_cfg, model_cfg, train_cfg = study.rules[row], study.row_model(row), study.row_train(row)
+    device, tokens = ctx.device, ctx.tokens
     rng.seed_everything(seed)
-    net = pc.PCNet(model_cfg, vocab_size()).to(device)
+    net = pc.PCNet(model_cfg, tokens.vocab_size).to(device)
     rule: LearningRule = (PredictiveCoding(net, rule_cfg, settle_step, seed, device)
                           if isinstance(rule_cfg, PCRule) else Backprop(ce_objective))
-    batches = Windows(train_tokens(), model_cfg.context, train_cfg.batch_size, seed, device,
+    batches = Windows(tokens.train, model_cfg.context, train_cfg.batch_size, seed, device,
                       last_only=True)
 
     def evaluate(m: nn.Module) -> dict[str, float]:
-        ce, acc = held_out(m, train_cfg, train_cfg.eval_batches, EVAL_SEED, device)
+        ce, acc = held_out(m, tokens.val, train_cfg, train_cfg.eval_batches, EVAL_SEED, device)
         return {"val_loss": ce, "val_acc": acc}
 
     return Trainer(net, rule, batches, evaluate, train_cfg,
@@ -167,11 +162,11 @@ def build(study: PCSeqConfig, row: str, seed: int, settle_step: float,
 
 
 @torch.no_grad()
-def held_out(net: nn.Module, cfg: TrainConfig, batches: int, seed: int,
+def held_out(net: nn.Module, val: np.ndarray, cfg: TrainConfig, batches: int, seed: int,
              device: torch.device) -> tuple[float, float]:
     """Held-out CE and next-token accuracy of the prediction pass (the unclamped equilibrium) on
-    fixed validation windows."""
-    windows = val_windows(net, cfg, seed, device)
+    fixed windows of the validation tokens ``val``."""
+    windows = val_windows(net, val, cfg, seed, device)
     ce, acc = [], []
     for _ in range(batches):
         x, y = windows.next()
@@ -181,8 +176,9 @@ def held_out(net: nn.Module, cfg: TrainConfig, batches: int, seed: int,
     return float(np.mean(ce)), float(np.mean(acc))
 
 
-def val_windows(net: nn.Module, cfg: TrainConfig, seed: int, device: torch.device) -> Windows:
-    return Windows(val_tokens(), net.cfg.context, cfg.batch_size, seed, device, last_only=True)  # type: ignore[arg-type]
+def val_windows(net: nn.Module, val: np.ndarray, cfg: TrainConfig, seed: int,
+                device: torch.device) -> Windows:
+    return Windows(val, net.cfg.context, cfg.batch_size, seed, device, last_only=True)  # type: ignore[arg-type]
 
 
 def step_memory(net: pc.PCNet, rule: LearningRule, x: Tensor, y: Tensor) -> dict[str, float]:
@@ -258,11 +254,11 @@ class PCSeqStudy:
         return "\n".join(lines)
 
     def build_trainer(self, params: Params, spec: RunSpec, calibration: dict[str, Any],
-                      device: torch.device) -> Trainer:
+                      ctx: RunContext) -> Trainer:
         return build(params.study_as(spec.study, PCSeqConfig), spec.row, spec.seed,
-                     float(calibration.get("settle_step", 0.0)), device)
+                     float(calibration.get("settle_step", 0.0)), ctx)
 
-    def calibrate(self, params: Params, row: str, device: torch.device) -> dict[str, Any]:
+    def calibrate(self, params: Params, row: str, ctx: RunContext) -> dict[str, Any]:
         """Initial held-out CE vs ln V and the references (unigram, untrained net); for PC the
         settling step: halved from ``settle.step`` until settling at init lowers the energy on
         every calibration batch (tau_l bounds the curvature, so the configured step normally
@@ -271,13 +267,14 @@ class PCSeqStudy:
         study = params.study_as(self.name, PCSeqConfig)
         rule_cfg = study.rules[row]
         step = rule_cfg.settle.step if isinstance(rule_cfg, PCRule) else 0.0
-        trainer = build(study, row, 0, step, device)
+        trainer = build(study, row, 0, step, ctx)
         net, rule = trainer.model, trainer.rule
         assert isinstance(net, pc.PCNet)
-        init_loss, _ = held_out(net, trainer.cfg, 4, EVAL_SEED, device)
-        check_init_loss(init_loss, self.name)
-        out: dict[str, Any] = {"ln_vocab": math.log(vocab_size()), "init_val_loss": init_loss,
-                               "health": lm_health(init_loss)}
+        tokens = ctx.tokens
+        init_loss, _ = held_out(net, tokens.val, trainer.cfg, 4, EVAL_SEED, ctx.device)
+        check_init_loss(init_loss, tokens.vocab_size, self.name)
+        out: dict[str, Any] = {"ln_vocab": math.log(tokens.vocab_size),
+                               "init_val_loss": init_loss, "health": lm_health(tokens, init_loss)}
         if isinstance(rule, PredictiveCoding):
             batches = [trainer.batches.next(0) for _ in range(3)]
             tried = []
@@ -302,18 +299,20 @@ class PCSeqStudy:
         return out
 
     def diagnose(self, params: Params, spec: RunSpec, trainer: Trainer,
-                 device: torch.device) -> dict[str, Any]:
+                 ctx: RunContext) -> dict[str, Any]:
         """Held-out CE and accuracy vs chance; settling iterations on held-out windows now vs
         the logged first/last windows of training; prediction error drop; peak memory."""
         from models.training.segments import read_logs  # the run's own trajectory
 
         net, rule = trainer.model, trainer.rule
         assert isinstance(net, pc.PCNet)
-        ce, acc = held_out(net, trainer.cfg, 2 * trainer.cfg.eval_batches, EVAL_SEED + 1, device)
-        v = vocab_size()
+        device, val = ctx.device, ctx.tokens.val
+        ce, acc = held_out(net, val, trainer.cfg, 2 * trainer.cfg.eval_batches, EVAL_SEED + 1,
+                           device)
+        v = ctx.tokens.vocab_size
         metrics: dict[str, float] = {"val_loss": ce, "val_acc": acc, "ln_vocab": math.log(v),
                                      "ce_over_ln_vocab": ce / math.log(v), "chance_acc": 1 / v}
-        windows = val_windows(net, trainer.cfg, EVAL_SEED + 2, device)
+        windows = val_windows(net, val, trainer.cfg, EVAL_SEED + 2, device)
         x, y = windows.next()
         metrics.update(step_memory(net, rule, x, y))
         metrics["mem_ratio"] = metrics["mem_train_mb"] / max(metrics["mem_infer_mb"], 1e-12)

@@ -13,6 +13,7 @@ import torch
 
 from models.config import Params
 from models.config.ff import RulesLadderConfig
+from models.context import RunContext
 from models.ff.mlp import DeepMLP
 from models.ff.tasks.ladder import make_ladder, student_config
 from models.pipeline import RunSpec
@@ -82,11 +83,11 @@ class RulesLadderStudy:
                                             ff.split_val(split, t.val_fraction).to(device))
         return out
 
-    def calibrate(self, params: Params, row: str, device: torch.device) -> dict[str, Any]:
+    def calibrate(self, params: Params, row: str, ctx: RunContext) -> dict[str, Any]:
         cfg = params.study_as(self.name, RulesLadderConfig)
         out, refs = {}, []
         budget = baselines.Budget.of(cfg.row_train(row))
-        for name, (rule_cfg, net, data) in self._cells(params, row, 0, device).items():
+        for name, (rule_cfg, net, data) in self._cells(params, row, 0, ctx.device).items():
             # the teacher is of the student family: the head alone on its features is a strong
             # reference, so it is only a floor (rows clearly worse than it are flagged)
             refs.append(baselines.classification(net, data.x_fit, data.y_fit, data.x_test,
@@ -101,7 +102,7 @@ class RulesLadderStudy:
         return {"cells": out, "health": health}
 
     def build_trainer(self, params: Params, spec: RunSpec, calibration: dict[str, Any],
-                      device: torch.device) -> LadderTrainer:
+                      ctx: RunContext) -> LadderTrainer:
         cfg = params.study_as(self.name, RulesLadderConfig)
         train_cfg, epochs = cfg.row_train(spec.row), cfg.row_epochs(spec.row)
         return LadderTrainer({
@@ -109,14 +110,14 @@ class RulesLadderStudy:
                                                          calibration["cells"][name]),
                                   data, train_cfg, spec.seed)
             for name, (rule_cfg, net, data) in self._cells(params, spec.row, spec.seed,
-                                                            device).items()})
+                                                            ctx.device).items()})
 
     def diagnose(self, params: Params, spec: RunSpec, trainer: LadderTrainer,
-                 device: torch.device) -> dict[str, Any]:
+                 ctx: RunContext) -> dict[str, Any]:
         """Per cell, on held-out test examples: test accuracy, Gamma, rho, nudge; grid means."""
         out: dict[str, float] = {}
         extras: dict[str, float] = {}
-        cells = self._cells(params, spec.row, spec.seed, device)
+        cells = self._cells(params, spec.row, spec.seed, ctx.device)
         for name, cell in trainer.cells.items():
             d = cells[name][2]
             x, y = d.x_test[:ff.DIAG_BATCH], d.y_test[:ff.DIAG_BATCH]

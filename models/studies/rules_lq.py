@@ -18,6 +18,7 @@ from torch import nn
 
 from models.config import Params
 from models.config.ff import RulesLQConfig
+from models.context import RunContext
 from models.ff import metrics
 from models.ff.mlp import DeepMLP
 from models.ff.rules import Rule
@@ -52,9 +53,9 @@ class RulesLQStudy:
                           device)
         return cfg.rules[row], net, ff.split_val(split, t.val_fraction).to(device)
 
-    def calibrate(self, params: Params, row: str, device: torch.device) -> dict[str, Any]:
+    def calibrate(self, params: Params, row: str, ctx: RunContext) -> dict[str, Any]:
         cfg = params.study_as(self.name, RulesLQConfig)
-        rule_cfg, net, data = self._setup(params, row, 0, device)
+        rule_cfg, net, data = self._setup(params, row, 0, ctx.device)
         if cfg.task.system == "fixed":  # nothing to beat on the loss: the system is not trained
             refs: dict[str, Any] = {"baselines": []}
         else:  # linear by construction: the head alone is already optimal, only a floor
@@ -66,9 +67,9 @@ class RulesLQStudy:
                                     data.y_fit[:ff.CAL_BATCH]), "health": refs}
 
     def build_trainer(self, params: Params, spec: RunSpec, calibration: dict[str, Any],
-                      device: torch.device) -> Trainer:
+                      ctx: RunContext) -> Trainer:
         cfg = params.study_as(self.name, RulesLQConfig)
-        rule_cfg, net, data = self._setup(params, spec.row, spec.seed, device)
+        rule_cfg, net, data = self._setup(params, spec.row, spec.seed, ctx.device)
         rule = ff.make_rule(rule_cfg, net, spec.seed, cfg.row_epochs(spec.row), calibration)
         fixed = cfg.task.system == "fixed"
         x, y = data.x_val[:ff.DIAG_BATCH], data.y_val[:ff.DIAG_BATCH]
@@ -78,9 +79,9 @@ class RulesLQStudy:
             if fixed else None)
 
     def diagnose(self, params: Params, spec: RunSpec, trainer: Trainer,
-                 device: torch.device) -> dict[str, Any]:
+                 ctx: RunContext) -> dict[str, Any]:
         """On held-out test examples: costate cosine vs the exact adjoint, rho, nudge, Gamma."""
-        _, _, d = self._setup(params, spec.row, spec.seed, device)
+        _, _, d = self._setup(params, spec.row, spec.seed, ctx.device)
         net = trainer.model
         out = {**ff.held_out(net, d.x_test, d.y_test, "test"),
                **ff.held_out(net, d.x_val, d.y_val, "val"), **trainer.evaluate()}

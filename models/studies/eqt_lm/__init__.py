@@ -23,11 +23,11 @@ from torch import nn
 
 from models.config import Params
 from models.config.eqt import LMStudyConfig, RelaxConfig
-from models.data.tokens import load_codec, read_tokens
+from models.context import RunContext
 from models.nets.transformer import attention_off
-from models.paths import RunSpec, tokens_dir
+from models.paths import RunSpec
 from models.studies import STUDIES
-from models.studies.eqt_lm.common import EVAL_SEED, val_loss, val_tokens
+from models.studies.eqt_lm.common import EVAL_SEED, val_loss
 from models.training import rng
 from models.training.trainer import Trainer
 from models.training.windows import Windows
@@ -39,18 +39,19 @@ def row_module(kind: str) -> ModuleType:
 
 
 def build(study: LMStudyConfig, row: str, seed: int, relax: RelaxConfig | None,
-          device: torch.device) -> Trainer:
+          ctx: RunContext) -> Trainer:
     """A row's model and rule (from its kind's module, the equilibrium LM under the calibrated
     ``relax``, else the row's own), its training windows and its evaluation."""
     rule_cfg = study.rules[row]
     model_cfg, train_cfg = study.row_model(row), study.row_train(row)
+    device, tokens = ctx.device, ctx.tokens
     rng.seed_everything(seed)
-    model, rule, loss_of = row_module(rule_cfg.kind).build(model_cfg, rule_cfg, relax, device)
-    batches = Windows(read_tokens(tokens_dir() / "train.bin"), model_cfg.block_size,
-                      train_cfg.batch_size, seed, device)
+    model, rule, loss_of = row_module(rule_cfg.kind).build(model_cfg, rule_cfg, relax,
+                                                           tokens.vocab_size, device)
+    batches = Windows(tokens.train, model_cfg.block_size, train_cfg.batch_size, seed, device)
 
     def evaluate(m: nn.Module) -> dict[str, float]:
-        return {"val_loss": val_loss(loss_of(m), model_cfg.block_size, train_cfg,
+        return {"val_loss": val_loss(loss_of(m), tokens.val, model_cfg.block_size, train_cfg,
                                      train_cfg.eval_batches, device)}
 
     return Trainer(model, rule, batches, evaluate, train_cfg)
@@ -67,26 +68,26 @@ class EqtLMStudy:
              ("cos/global", "cos(g_rule, g_BPTT) during training"))
 
     def build_trainer(self, params: Params, spec: RunSpec, calibration: dict[str, Any],
-                      device: torch.device) -> Trainer:
+                      ctx: RunContext) -> Trainer:
         relax = RelaxConfig(**calibration["relax"]) if "relax" in calibration else None
         return build(params.study_as(spec.study, LMStudyConfig), spec.row, spec.seed, relax,
-                     device)
+                     ctx)
 
-    def calibrate(self, params: Params, row: str, device: torch.device) -> dict[str, Any]:
+    def calibrate(self, params: Params, row: str, ctx: RunContext) -> dict[str, Any]:
         """The row module's calibration of an untrained run (``bp`` or ``equilibrium``)."""
         study = params.study_as(self.name, LMStudyConfig)
-        trainer = build(study, row, 0, None, device)
-        return row_module(study.rules[row].kind).calibrate(trainer, device, self.name)
+        trainer = build(study, row, 0, None, ctx)
+        return row_module(study.rules[row].kind).calibrate(trainer, ctx, self.name)
 
     def diagnose(self, params: Params, spec: RunSpec, trainer: Trainer,
-                 device: torch.device) -> dict[str, Any]:
+                 ctx: RunContext) -> dict[str, Any]:
         """Held-out CE on more windows than during training, entropy, samples, and the CE with
         attention off (``val_loss_no_attention``; ``context_gain`` = it minus the CE on the same
         windows: what context adds, ~0 for a model that predicts from the current token alone);
         for equilibrium rows also the gradient-quality and operator diagnostics of METHODS §2."""
-        codec = load_codec(tokens_dir() / "tokenizer.json")
+        device, codec = ctx.device, ctx.tokens.codec
         model = trainer.ema.averaged(trainer.model).eval()
-        stream = Windows(val_tokens(), model.shape.block_size, trainer.cfg.batch_size,  # type: ignore[arg-type]
+        stream = Windows(ctx.tokens.val, model.shape.block_size, trainer.cfg.batch_size,  # type: ignore[arg-type]
                          EVAL_SEED + 1, device)
         ce, ent, held_out = [], [], [stream.next() for _ in range(2 * trainer.cfg.eval_batches)]
         with torch.no_grad():
@@ -111,7 +112,7 @@ class EqtLMStudy:
                         "context_gain": float(np.mean(ce_off)) - ce_on},
             "samples": samples, "extras": {"vocab_size": codec.vocab_size}}
         kind = params.study_as(self.name, LMStudyConfig).rules[spec.row].kind
-        row_module(kind).diagnose(trainer, device, result)
+        row_module(kind).diagnose(trainer, ctx, result)
         return result
 
 

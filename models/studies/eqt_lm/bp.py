@@ -15,14 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config.eqt import BPRule, LMModelConfig, RelaxConfig
+from models.context import RunContext
 from models.nets.transformer import TransformerLM, TransformerShape
-from models.studies.eqt_lm.common import (
-    LossFn,
-    check_init_loss,
-    lm_baselines,
-    val_loss,
-    vocab_size,
-)
+from models.studies.eqt_lm.common import LossFn, check_init_loss, lm_baselines, val_loss
 from models.training.trainer import Backprop, Trainer
 
 
@@ -43,21 +38,22 @@ def transformer_loss(model: nn.Module) -> LossFn:
 
 
 def build(model_cfg: LMModelConfig, rule_cfg: BPRule, relax: RelaxConfig | None,
-          device: torch.device) -> tuple[nn.Module, Backprop, LossFn]:
+          vocab_size: int, device: torch.device) -> tuple[nn.Module, Backprop, LossFn]:
     """The transformer at the row's shape, its rule and its held-out loss (``relax``: unused)."""
     model = TransformerLM(TransformerShape(
-        vocab_size=vocab_size(), block_size=model_cfg.block_size, n_embd=model_cfg.n_embd,
+        vocab_size=vocab_size, block_size=model_cfg.block_size, n_embd=model_cfg.n_embd,
         n_head=model_cfg.n_head, n_layer=model_cfg.n_layer, qk_norm=model_cfg.qk_norm,
     )).to(device)
     return model, Backprop(lm_objective), transformer_loss  # type: ignore[return-value]
 
 
-def calibrate(trainer: Trainer, device: torch.device, study_name: str) -> dict[str, Any]:
+def calibrate(trainer: Trainer, ctx: RunContext, study_name: str) -> dict[str, Any]:
     """Initial loss vs ln V, activation RMS after every block, a short LR probe."""
     train_cfg = trainer.cfg
-    ln_v = math.log(vocab_size())
+    ln_v = math.log(ctx.tokens.vocab_size)
     block = trainer.model.shape.block_size  # type: ignore[union-attr]
-    init_loss = val_loss(transformer_loss(trainer.model), block, train_cfg, 4, device)
+    init_loss = val_loss(transformer_loss(trainer.model), ctx.tokens.val, block, train_cfg, 4,
+                         ctx.device)
     x, _ = trainer.batches.next(0)
     with torch.no_grad():
         act = [s.pow(2).mean().sqrt().item() for s in trainer.model.hidden_states(x)]  # type: ignore[operator]
@@ -67,7 +63,7 @@ def calibrate(trainer: Trainer, device: torch.device, study_name: str) -> dict[s
         "ln_vocab": ln_v, "init_val_loss": init_loss, "init_over_ln_vocab": init_loss / ln_v,
         "act_rms": act, "lr_probe": {"lr": train_cfg.lr, "steps": probe_steps,
                                      "first_loss": losses[0], "last_loss": losses[-1]},
-        "health": lm_baselines(init_loss),
+        "health": lm_baselines(ctx.tokens, init_loss),
     }
     check_init_loss(init_loss, ln_v)
     if not math.isfinite(losses[-1]) or losses[-1] > losses[0]:
@@ -77,5 +73,5 @@ def calibrate(trainer: Trainer, device: torch.device, study_name: str) -> dict[s
     return result
 
 
-def diagnose(trainer: Trainer, device: torch.device, result: dict[str, Any]) -> None:
+def diagnose(trainer: Trainer, ctx: RunContext, result: dict[str, Any]) -> None:
     """Nothing beyond the study's common diagnosis."""

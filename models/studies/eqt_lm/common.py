@@ -1,5 +1,6 @@
-"""What every row of the ``eqt_lm`` study shares: the token data, the validation windows every
-row and seed are scored on, and the checks and baselines of a language model's calibration."""
+"""What every row of the ``eqt_lm`` study shares: the validation windows every row and seed are
+scored on, and the checks and baselines of a language model's calibration (the token data comes
+from the run's ``RunContext``)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from models import io
 from models.config import TrainConfig
-from models.data.tokens import read_tokens
-from models.paths import tokens_dir
+from models.context import TokenCorpus
 from models.studies import baselines
 from models.training.windows import Windows
 
@@ -21,26 +20,19 @@ EVAL_SEED = 10_000  # the same validation windows for every row and seed
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def vocab_size() -> int:
-    return int(io.read_json(tokens_dir() / "meta.json")["vocab_size"])
-
-
-def val_tokens() -> np.ndarray:
-    return read_tokens(tokens_dir() / "val.bin")
-
-
 @torch.no_grad()
-def val_loss(loss: LossFn, block_size: int, cfg: TrainConfig, batches: int,
+def val_loss(loss: LossFn, val: np.ndarray, block_size: int, cfg: TrainConfig, batches: int,
              device: torch.device) -> float:
-    """Mean held-out CE on the validation windows every row and seed share."""
-    windows = Windows(val_tokens(), block_size, cfg.batch_size, EVAL_SEED, device)
+    """Mean held-out CE on the validation windows (of the tokens ``val``) every row and seed
+    share."""
+    windows = Windows(val, block_size, cfg.batch_size, EVAL_SEED, device)
     return float(np.mean([float(loss(*windows.next())) for _ in range(batches)]))
 
 
-def lm_baselines(init_loss: float) -> dict[str, Any]:
-    """What every row must beat (models.studies.baselines): ln V, unigram, untrained net."""
-    return baselines.language_model(read_tokens(tokens_dir() / "train.bin"), val_tokens(),
-                                     vocab_size(), init_loss)
+def lm_baselines(corpus: TokenCorpus, init_loss: float) -> dict[str, Any]:
+    """What every row must beat (models.studies.baselines): ln V, the n-gram counts, the
+    untrained net."""
+    return baselines.language_model(corpus.train, corpus.val, corpus.vocab_size, init_loss)
 
 
 def check_init_loss(init_loss: float, ln_v: float) -> None:

@@ -24,6 +24,7 @@ from models.config.eqt import (
     RelaxConfig,
     StabiliserConfig,
 )
+from models.context import RunContext
 from models.eqt import bptt as eqt_bptt
 from models.eqt import diagnostics as eqt_diag
 from models.eqt import ep as eqt_ep
@@ -34,41 +35,34 @@ from models.eqt.model import EqShape, EquilibriumLM
 from models.eqt.relax import RelaxResult
 from models.eqt.stabilisers import JacregController
 from models.eqt.step import gradients
-from models.studies.eqt_lm.common import (
-    EVAL_SEED,
-    LossFn,
-    check_init_loss,
-    lm_baselines,
-    val_loss,
-    val_tokens,
-    vocab_size,
-)
+from models.studies.eqt_lm.common import EVAL_SEED, LossFn, check_init_loss, lm_baselines, val_loss
 from models.training.segments import progress_bar
 from models.training.trainer import LearningRule, Trainer
 from models.training.windows import Windows
 
 
-def eq_model(model_cfg: LMModelConfig, rule: EqRule, relax: RelaxConfig) -> EquilibriumLM:
+def eq_model(model_cfg: LMModelConfig, rule: EqRule, relax: RelaxConfig,
+             vocab_size: int) -> EquilibriumLM:
     if model_cfg.n_layer != 1:
         raise ValueError(f"the equilibrium LM has one block; set model.n_layer=1 for row kind "
                          f"{rule.kind!r} (got {model_cfg.n_layer})")
     b = rule.block
     return EquilibriumLM(EqShape(
-        vocab_size=vocab_size(), block_size=model_cfg.block_size, n_embd=model_cfg.n_embd,
+        vocab_size=vocab_size, block_size=model_cfg.block_size, n_embd=model_cfg.n_embd,
         n_head=model_cfg.n_head, qk_norm=model_cfg.qk_norm, damping=b.damping, block=b.kind,
         emb_std=b.emb_std, init_std=b.init_std, resinit=b.resinit), relax)
 
 
 def build(model_cfg: LMModelConfig, rule_cfg: EqRule, relax: RelaxConfig | None,
-          device: torch.device) -> tuple[nn.Module, Equilibrium, Any]:
+          vocab_size: int, device: torch.device) -> tuple[nn.Module, Equilibrium, Any]:
     """The equilibrium LM under the calibrated ``relax`` (else the row's own), its rule, and its
     held-out loss through the free phase."""
-    model = eq_model(model_cfg, rule_cfg, relax or rule_cfg.relax).to(device)
+    model = eq_model(model_cfg, rule_cfg, relax or rule_cfg.relax, vocab_size).to(device)
     rule = Equilibrium(model, rule_cfg, device)
     return model, rule, rule.loss
 
 
-def calibrate(trainer: Trainer, device: torch.device, study_name: str) -> dict[str, Any]:
+def calibrate(trainer: Trainer, ctx: RunContext, study_name: str) -> dict[str, Any]:
     """The free phase's eps/T1 (``models.eqt.calibration``; eps halved until the relaxation
     converges at init) and the initial loss vs ln V."""
     model, rule = trainer.model, trainer.rule
@@ -77,11 +71,12 @@ def calibrate(trainer: Trainer, device: torch.device, study_name: str) -> dict[s
     batches = [trainer.batches.next(0)[0][:8] for _ in range(3)]
     result = calibrate_relax(model, batches, search=True)
     model.relax_cfg = RelaxConfig(**result["relax"])
-    ln_v = math.log(vocab_size())
-    init_loss = val_loss(rule.loss(model), model.shape.block_size, trainer.cfg, 4, device)
+    ln_v = math.log(ctx.tokens.vocab_size)
+    init_loss = val_loss(rule.loss(model), ctx.tokens.val, model.shape.block_size, trainer.cfg,
+                         4, ctx.device)
     check_init_loss(init_loss, ln_v)
     return {**result, "ln_vocab": ln_v, "init_val_loss": init_loss,
-            "init_over_ln_vocab": init_loss / ln_v, "health": lm_baselines(init_loss)}
+            "init_over_ln_vocab": init_loss / ln_v, "health": lm_baselines(ctx.tokens, init_loss)}
 
 
 class Equilibrium(LearningRule):
@@ -247,15 +242,15 @@ def reference_cosines(g: dict[str, torch.Tensor], refs: dict[str, Any]) -> dict[
     return out
 
 
-def diagnose(trainer: Trainer, device: torch.device, result: dict[str, Any],
-                 n_batches: int = 4) -> None:
+def diagnose(trainer: Trainer, ctx: RunContext, result: dict[str, Any],
+             n_batches: int = 4) -> None:
     """cos(g_rule, g_BPTT) per group and global and k = |g_rule|/|g_BPTT| (task gradients, mean
     over held-out batches), batch-to-batch self-coherence, the free-phase residual and one
     relaxation's residual curve, the numerical abscissa and the 4-number fingerprint."""
     model, rule = trainer.model, trainer.rule
     assert isinstance(model, EquilibriumLM) and isinstance(rule, Equilibrium)
-    stream = Windows(val_tokens(), model.shape.block_size, trainer.cfg.batch_size,
-                     EVAL_SEED + 2, device)
+    stream = Windows(ctx.tokens.val, model.shape.block_size, trainer.cfg.batch_size,
+                     EVAL_SEED + 2, ctx.device)
     batches = [stream.next() for _ in range(n_batches)]
     cos_rows, g_rule, g_refs = [], [], []
     with progress_bar() as bar:  # minutes per batch on a CPU at a GPU run's shape
