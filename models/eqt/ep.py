@@ -196,7 +196,7 @@ def nudged_contrast(model: EquilibriumLM, idx: torch.Tensor, targets: torch.Tens
             f = f - _correction(interaction, star_k, z - star_k)
         elif cfg.aep == "tracking" and k == 2 and not holo:
             # two real phases: z_+ - zbar = -(z_- - zbar) = d, and (J - J^T) is linear, so one
-            # jvp and one vjp at zbar on B rows give both phases' corrections (+c, -c)
+            # (J - J^T) v at zbar on B rows gives both phases' corrections (+c, -c)
             zbar, d = eq.two_phase_split(z)
             f = eq.minus_pm(f, _correction(interaction, zbar, d))
         elif cfg.aep == "tracking":
