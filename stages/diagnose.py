@@ -15,6 +15,7 @@ from models.context import RunContext
 from models.health import Finding, Severity, calibration_extras, run_all
 from models.pipeline import RunSpec, diagnose_identity, run_config, run_identity, runs, study_dir
 from models.studies import get_study
+from models.studies.base import RunRecord
 from models.training import checkpoint
 from models.training.device import resolve_device
 from models.training.segments import read_logs
@@ -81,8 +82,8 @@ def _diagnose(cfg: Params, spec: RunSpec, force: bool, any_identity: bool) -> li
     calibration = io.read_json(spec.calibration)
     trainer = impl.build_trainer(cfg, spec, calibration, ctx)
     trainer.load_state_dict(state["trainer"])
-    result = impl.diagnose(cfg, spec, trainer, ctx)
     logs = read_logs(spec.log_dir)
+    result = impl.diagnose(cfg, spec, trainer, ctx, RunRecord(calibration, logs))
     val = [r["val_loss"] for r in logs if "val_loss" in r]
     if val:  # studies whose evaluation reports a held-out loss
         result["metrics"]["best_val_loss"] = min(val)

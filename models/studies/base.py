@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # annotations only: the registry (models.studies) stays free of torch
@@ -32,9 +33,23 @@ class Trainable(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+@dataclass(frozen=True)
+class RunRecord:
+    """What a run left besides its checkpoint, as the diagnose stage read it: the calibration
+    and the segment logs (one dict per logged step, in order). A study's diagnosis takes them
+    from here, never from a path of its own, so it can be called on any run's data."""
+
+    calibration: dict[str, Any] = field(default_factory=dict)
+    logs: list[dict[str, float]] = field(default_factory=list)
+
+
+NO_RECORD = RunRecord()
+
+
 class Study(Protocol):
     """What the stages call for one study. ``ctx`` carries the device and the prepared data
-    (``models.context``): a study reads data through it alone."""
+    (``models.context``): a study reads data through it alone, and the run's own calibration
+    and logs through ``record``."""
 
     name: str
     title: str
@@ -46,8 +61,8 @@ class Study(Protocol):
     def build_trainer(self, params: Params, spec: RunSpec, calibration: dict[str, Any],
                       ctx: RunContext) -> Trainable: ...
 
-    def diagnose(self, params: Params, spec: RunSpec, trainer: Trainable,
-                 ctx: RunContext) -> dict[str, Any]: ...
+    def diagnose(self, params: Params, spec: RunSpec, trainer: Trainable, ctx: RunContext,
+                 record: RunRecord = NO_RECORD) -> dict[str, Any]: ...
 
 
 

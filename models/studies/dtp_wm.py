@@ -33,6 +33,7 @@ from models.context import RunContext
 from models.pipeline import RunSpec
 from models.seq import dtp
 from models.seq.precision import Precision
+from models.studies.base import NO_RECORD, RunRecord
 from models.studies.seq_common import EVAL_SEED, check_init_loss, lm_health
 from models.training import rng
 from models.training.batches import Batches
@@ -318,11 +319,9 @@ class DTPWMStudy:
         return out
 
     def diagnose(self, params: Params, spec: RunSpec, trainer: Trainer,
-                 ctx: RunContext) -> dict[str, Any]:
+                 ctx: RunContext, record: RunRecord = NO_RECORD) -> dict[str, Any]:
         """Held-out predictive CE and entropy, the entropy/KL trajectories (first and last
         logged rows), target norms and slot coverage on held-out windows, text samples."""
-        from models.training.segments import read_logs
-
         model, rule = trainer.model, trainer.rule
         assert isinstance(model, dtp.WorldModel)
         device, tokens = ctx.device, ctx.tokens
@@ -331,7 +330,7 @@ class DTPWMStudy:
         v = tokens.vocab_size
         metrics: dict[str, float] = {"val_loss": ce, "val_entropy": ent, "ln_vocab": math.log(v),
                                      "ce_over_ln_vocab": ce / math.log(v)}
-        logs = [r for r in read_logs(spec.log_dir) if "kl" in r]
+        logs = [r for r in record.logs if "kl" in r]
         if logs:
             metrics.update({"entropy_first": logs[0]["entropy"], "entropy_last": logs[-1]["entropy"],
                             "kl_first": logs[0]["kl"], "kl_last": logs[-1]["kl"]})

@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models import io
 from models.config import Params, TrainConfig
 from models.config.seq import PCRule, PCSeqConfig
 from models.context import RunContext
@@ -34,6 +33,7 @@ from models.pipeline import RunSpec
 from models.seq import pc
 from models.seq.memory import PeakMemory
 from models.seq.precision import Precision
+from models.studies.base import NO_RECORD, RunRecord
 from models.studies.seq_common import EVAL_SEED, check_init_loss, lm_health
 from models.training import rng
 from models.training.trainer import Backprop, LearningRule, Trainer
@@ -299,11 +299,9 @@ class PCSeqStudy:
         return out
 
     def diagnose(self, params: Params, spec: RunSpec, trainer: Trainer,
-                 ctx: RunContext) -> dict[str, Any]:
+                 ctx: RunContext, record: RunRecord = NO_RECORD) -> dict[str, Any]:
         """Held-out CE and accuracy vs chance; settling iterations on held-out windows now vs
         the logged first/last windows of training; prediction error drop; peak memory."""
-        from models.training.segments import read_logs  # the run's own trajectory
-
         net, rule = trainer.model, trainer.rule
         assert isinstance(net, pc.PCNet)
         device, val = ctx.device, ctx.tokens.val
@@ -319,9 +317,9 @@ class PCSeqStudy:
         if isinstance(rule, PredictiveCoding):
             iters = [rule.settle(net, *windows.next()).iters for _ in range(4)]
             metrics["settle_iters_val"] = float(np.mean(iters))
-            metrics["settle_iters_init"] = float(io.read_json(spec.calibration)
-                                                 .get("init_settle_iters", math.nan))
-            logs = [r for r in read_logs(spec.log_dir) if "settle_iters_avg" in r]
+            metrics["settle_iters_init"] = float(record.calibration.get("init_settle_iters",
+                                                                        math.nan))
+            logs = [r for r in record.logs if "settle_iters_avg" in r]
             if logs:
                 metrics["settle_iters_first"] = logs[0]["settle_iters_avg"]
                 metrics["settle_iters_last"] = logs[-1]["settle_iters_avg"]

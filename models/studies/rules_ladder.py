@@ -19,6 +19,7 @@ from models.ff.tasks.ladder import make_ladder, student_config
 from models.pipeline import RunSpec
 from models.studies import baselines
 from models.studies import ff_common as ff
+from models.studies.base import NO_RECORD, RunRecord
 from models.training.trainer import Trainer
 
 
@@ -113,7 +114,7 @@ class RulesLadderStudy:
                                                             ctx.device).items()})
 
     def diagnose(self, params: Params, spec: RunSpec, trainer: LadderTrainer,
-                 ctx: RunContext) -> dict[str, Any]:
+                 ctx: RunContext, record: RunRecord = NO_RECORD) -> dict[str, Any]:
         """Per cell, on held-out test examples: test accuracy, Gamma, rho, nudge; grid means."""
         out: dict[str, float] = {}
         extras: dict[str, float] = {}

@@ -26,6 +26,7 @@ from models.ff.tasks.lq import exact_costate, lq_config, make_lq
 from models.pipeline import RunSpec
 from models.studies import baselines
 from models.studies import ff_common as ff
+from models.studies.base import NO_RECORD, RunRecord
 from models.training.trainer import Trainer
 
 
@@ -79,7 +80,7 @@ class RulesLQStudy:
             if fixed else None)
 
     def diagnose(self, params: Params, spec: RunSpec, trainer: Trainer,
-                 ctx: RunContext) -> dict[str, Any]:
+                 ctx: RunContext, record: RunRecord = NO_RECORD) -> dict[str, Any]:
         """On held-out test examples: costate cosine vs the exact adjoint, rho, nudge, Gamma."""
         _, _, d = self._setup(params, spec.row, spec.seed, ctx.device)
         net = trainer.model

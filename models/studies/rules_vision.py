@@ -23,6 +23,7 @@ from models.ff.tasks.cifar10 import load_cifar10
 from models.pipeline import RunSpec
 from models.studies import baselines
 from models.studies import ff_common as ff
+from models.studies.base import NO_RECORD, RunRecord
 from models.training.trainer import Trainer
 
 
@@ -77,7 +78,7 @@ class RulesVisionStudy:
         return ff.make_trainer(rule_cfg, rule, data, cfg.row_train(spec.row), spec.seed)
 
     def diagnose(self, params: Params, spec: RunSpec, trainer: Trainer,
-                 ctx: RunContext) -> dict[str, Any]:
+                 ctx: RunContext, record: RunRecord = NO_RECORD) -> dict[str, Any]:
         """Test accuracy/CE on the held-out test split; Gamma, rho, nudge on test examples."""
         _, _, d = self._setup(params, spec.row, spec.seed, ctx)
         out = {**ff.held_out(trainer.model, d.x_test, d.y_test, "test"), **trainer.evaluate()}

@@ -27,6 +27,7 @@ from models.context import RunContext
 from models.nets.transformer import attention_off
 from models.paths import RunSpec
 from models.studies import STUDIES
+from models.studies.base import NO_RECORD, RunRecord
 from models.studies.eqt_lm.common import EVAL_SEED, val_loss
 from models.training import rng
 from models.training.trainer import Trainer
@@ -61,7 +62,7 @@ class EqtLMStudy:
     name = "eqt_lm"
     title = "eqt-lm: language modelling, BP transformer vs equilibrium propagation"
     columns = (("best_val_loss", "best val CE"), ("final_val_loss", "final val CE"),
-               ("context_gain", "CE gain from attention"), ("residual", "final residual"),
+               ("steps", "steps"), ("context_gain", "CE gain from attention"), ("residual", "final residual"),
                ("cos_bptt", "cos to BPTT"), ("cos_implicit", "cos to implicit"),
                ("ms_per_step", "ms/step"), ("peak_mem_mb", "peak MB"))
     plots = (("val_loss", "validation cross-entropy"), ("loss", "training loss"),
@@ -80,7 +81,7 @@ class EqtLMStudy:
         return row_module(study.rules[row].kind).calibrate(trainer, ctx, self.name)
 
     def diagnose(self, params: Params, spec: RunSpec, trainer: Trainer,
-                 ctx: RunContext) -> dict[str, Any]:
+                 ctx: RunContext, record: RunRecord = NO_RECORD) -> dict[str, Any]:
         """Held-out CE on more windows than during training, entropy, samples, and the CE with
         attention off (``val_loss_no_attention``; ``context_gain`` = it minus the CE on the same
         windows: what context adds, ~0 for a model that predicts from the current token alone);

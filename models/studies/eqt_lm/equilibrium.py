@@ -9,6 +9,7 @@ A row module of the study gives three calls: ``build`` (model, learning rule, he
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -70,10 +71,13 @@ def calibrate(trainer: Trainer, ctx: RunContext, study_name: str) -> dict[str, A
     # 8 windows per batch: enough to see divergence, cheap for the abscissa's power iteration
     batches = [trainer.batches.next(0)[0][:8] for _ in range(3)]
     result = calibrate_relax(model, batches, search=True)
-    model.relax_cfg = RelaxConfig(**result["relax"])
+    # the initial loss under the chosen relaxation, eagerly on a copy: the trainer stays as
+    # built (a fast engine would have captured the uncalibrated relaxation)
+    calibrated = copy.deepcopy(model)
+    calibrated.relax_cfg = RelaxConfig(**result["relax"])
     ln_v = math.log(ctx.tokens.vocab_size)
-    init_loss = val_loss(rule.loss(model), ctx.tokens.val, model.shape.block_size, trainer.cfg,
-                         4, ctx.device)
+    init_loss = val_loss(calibrated.loss, ctx.tokens.val, model.shape.block_size,
+                         trainer.cfg, 4, ctx.device)
     check_init_loss(init_loss, ln_v)
     return {**result, "ln_vocab": ln_v, "init_val_loss": init_loss,
             "init_over_ln_vocab": init_loss / ln_v, "health": lm_baselines(ctx.tokens, init_loss)}
