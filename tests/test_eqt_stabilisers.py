@@ -93,6 +93,10 @@ def test_adjoint_target_is_validated_against_the_row() -> None:
                nudge=NudgeConfig(adaptive_t2=True, t2_max=8, snapshot_every=4))
     EPRule(stab=StabiliserConfig(adjoint_target=1e-2),
            nudge=NudgeConfig(adaptive_t2=True, t2_max=12, snapshot_every=4))
+    with pytest.raises(ValidationError, match="t2_tol set"):
+        EPRule(stab=StabiliserConfig(adjoint_gate=1.0), nudge=NudgeConfig(adaptive_t2=True))
+    with pytest.raises(ValidationError, match="adjoint_gate reads EP"):
+        BPTTRule(stab=StabiliserConfig(adjoint_gate=1.0))
 
 
 def test_ep_step_feeds_the_nudged_tail_to_the_controller() -> None:
@@ -144,6 +148,31 @@ def test_gate_skips_task_gradient_but_keeps_stabiliser() -> None:
     assert float(grads["head.weight"].abs().sum()) == 0.0  # no task term reached the head
     assert float(grads["block.attn.q.weight"].abs().sum()) > 0  # jacreg did reach attention
     assert ctl.lam > 1.0  # the large residual raised lambda for the next step
+
+
+def test_adjoint_gate_leaves_exactly_the_stabiliser_gradient() -> None:
+    """A shut adjoint gate gives the step a shut free gate gives (stabilisers only, the same
+    probe), an open one the ungated step; the decision is the logged remaining change."""
+    model, idx, tgt = make()
+    nudge = NudgeConfig(beta=1e-3, adaptive_t2=True, t2_max=12, snapshot_every=4, t2_tol=1e-2,
+                        t2_cap=32)
+
+    def step(**stab: float) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        torch.manual_seed(3)  # the jacreg probe
+        cfg = EPRule(nudge=nudge, stab=StabiliserConfig(controller=False, jacreg=0.5, **stab))
+        return gradients(model, idx, tgt, cfg)
+
+    plain, _ = step()
+    free_shut, _ = step(gate=1e-300)
+    shut, stats = step(adjoint_gate=1e-300)
+    open_, open_stats = step(adjoint_gate=1e300)
+    assert stats["gate_adjoint"] == 1.0 and open_stats["gate_adjoint"] == 0.0
+    assert 0 < stats["settle/nudged/residual"] < math.inf
+    for name in plain:
+        torch.testing.assert_close(shut[name], free_shut[name], rtol=0, atol=0)
+        torch.testing.assert_close(open_[name], plain[name], rtol=0, atol=0)
+    assert float(plain["head.weight"].abs().sum()) > 0  # the task gradient reaches the head
+    assert float(shut["head.weight"].abs().sum()) == 0  # the stabilisers do not
 
 
 def test_step_is_task_gradient_plus_resreg_and_self_coherence_is_the_cosine() -> None:

@@ -10,7 +10,13 @@ import pandas as pd
 import torch
 
 from models.health import Severity, fatal_findings, live_guard, run_all
-from models.health.dynamics import ep_self_coherence, frozen_explosion, limit_cycle, residual_growth
+from models.health.dynamics import (
+    ep_self_coherence,
+    frozen_explosion,
+    gated_steps,
+    limit_cycle,
+    residual_growth,
+)
 from models.health.recorders import gradient_cosine
 
 C, EPS, T1 = 16, 0.1, 300
@@ -180,3 +186,16 @@ def test_estimator_accuracy_names_each_checkpoints_reference() -> None:
     assert "step 500: attn.q +0.50 (to implicit 0.990; ref unroll 420)" in found.message
     assert "step 750: global +0.80 (ref unroll 150: no implicit gradient)" in found.message
     assert "step 1000" not in found.message
+
+
+def test_gated_steps_grades_the_share_of_steps_without_a_task_gradient() -> None:
+    def trace(free: list[float], adjoint: list[float]) -> pd.DataFrame:
+        return pd.DataFrame({"step": range(len(free)), "gate_skipped": free,
+                             "gate_adjoint": adjoint})
+
+    assert gated_steps(trace([0.0] * 10, [0.0] * 9 + [1.0])) == []  # 10%: not above 10%
+    (warn,) = gated_steps(trace([0.0] * 10, [1.0] * 3 + [0.0] * 7))
+    assert warn.severity == Severity.WARNING and "gate_adjoint: 30% of 10" in warn.message
+    (err,) = gated_steps(trace([1.0] * 6 + [0.0] * 4, [0.0] * 10))
+    assert err.severity == Severity.ERROR and "gate_skipped: 60%" in err.message
+    assert gated_steps(trace([1.0] * 3, [1.0] * 3)) == []  # too few rows to judge

@@ -57,7 +57,13 @@ class StabiliserConfig(Strict):
     T1-step unroll and a T2-step nudge, see ``models.eqt.ep``). ``adjoint_target`` (EP rows
     with ``adaptive_t2``; None = off): lambda also rises while the nudged phase's estimated
     remaining change after t2_max (``models.eqt.ep.remaining_change``) is above it, so that the
-    adjoint, not only the forward pass, contracts (``models.eqt.stabilisers.JacregController``)."""
+    adjoint, not only the forward pass, contracts (``models.eqt.stabilisers.JacregController``).
+    ``adjoint_gate`` (EP rows with ``t2_tol``; None = off): the validity gate of the nudged
+    phase. A nudged phase that ends with its estimated remaining change of a above it (relative
+    to |a|) did not settle, and its contrast is no estimate of the adjoint: the task gradient
+    is skipped as for the free gate (reports/gpu-short 4884326: at step 350 the nudged phase ran
+    to its 800-step cap with a remaining change of 15x |a|, and the best snapshot's contrast
+    was applied)."""
 
     controller: bool = True
     lam: Annotated[float, Field(gt=0)] = 0.1
@@ -71,6 +77,7 @@ class StabiliserConfig(Strict):
     gate: Annotated[float, Field(gt=0)] | None = None
     control: Literal["final", "t1"] = "final"
     adjoint_target: Annotated[float, Field(gt=0)] | None = None
+    adjoint_gate: Annotated[float, Field(gt=0)] | None = None
 
     @model_validator(mode="after")
     def _range(self) -> StabiliserConfig:
@@ -191,9 +198,10 @@ class BPTTRule(_EqRuleBase):
 
     @model_validator(mode="after")
     def _no_adjoint_control(self) -> BPTTRule:
-        if self.stab.adjoint_target is not None:
-            raise ValueError("stab.adjoint_target follows EP's nudged phase; a bptt row has none "
-                             "(allowed: null)")
+        for key in ("adjoint_target", "adjoint_gate"):
+            if getattr(self.stab, key) is not None:
+                raise ValueError(f"stab.{key} reads EP's nudged phase; a bptt row has none "
+                                 "(allowed: null)")
         return self
 
 
@@ -217,6 +225,11 @@ class EPRule(_EqRuleBase):
                              f"nudge.t2_max >= 3 * snapshot_every = {3 * n.snapshot_every} (got "
                              f"adaptive_t2={n.adaptive_t2}, t2_max={n.t2_max}), or "
                              "stab.adjoint_target: null")
+        if self.stab.adjoint_gate is not None and (n.t2_tol is None or not n.adaptive_t2):
+            raise ValueError("stab.adjoint_gate judges the nudged phase by its estimated "
+                             "remaining change, measured with nudge.adaptive_t2: true and "
+                             f"nudge.t2_tol set (got adaptive_t2={n.adaptive_t2}, "
+                             f"t2_tol={n.t2_tol}), or stab.adjoint_gate: null")
         return self
 
 

@@ -681,6 +681,7 @@ class FastEQ:
                 if rule_cfg.nudge.adaptive_t2:
                     stats["a_increment"] = float(self._out["a_inc"])
                 stats.update(nudge_stats)
+                zero_task = step.adjoint_gate_shut(stab, stats)
             stats["gate_skipped"] = float(shut)
         # copies of the static buffers (the next replay rewrites them): safe to keep
         task = {n: torch.zeros_like(p) if zero_task else self._out[f"task/{n}"].clone()

@@ -38,6 +38,8 @@ def gradients(model: EquilibriumLM, idx: torch.Tensor, targets: torch.Tensor,
             stats = {"residual": free.residual, "settle_iters": float(free.steps)}
         elif isinstance(rule_cfg, EPRule):
             task, stats = ep.ep_gradients(model, idx, targets, rule_cfg.nudge, free)
+            if adjoint_gate_shut(stab, stats):
+                task = {n: torch.zeros_like(g) for n, g in task.items()}
         else:
             task, stats = implicit.implicit_gradients(model, idx, targets, rule_cfg, free)
         stats["gate_skipped"] = float(shut)
@@ -51,6 +53,18 @@ def gate_shut(stab: StabiliserConfig, residual: float) -> bool:
     """The validity gate: above ``stab.gate`` (or non-finite) the free phase is no equilibrium,
     and the step keeps the stabilisers only."""
     return stab.gate is not None and not residual <= stab.gate
+
+
+def adjoint_gate_shut(stab: StabiliserConfig, stats: dict[str, float]) -> bool:
+    """The nudged phase's validity gate (``stab.adjoint_gate``): its estimated remaining change
+    of a (``settle/nudged/residual``, logged with ``t2_tol``) above the gate, or non-finite,
+    means the contrast had not settled. Sets ``stats["gate_adjoint"]``."""
+    remaining = stats.get("settle/nudged/residual")
+    shut = (stab.adjoint_gate is not None and remaining is not None
+            and not remaining <= stab.adjoint_gate)
+    if stab.adjoint_gate is not None:
+        stats["gate_adjoint"] = float(shut)
+    return shut
 
 
 def jacreg_weight(stab: StabiliserConfig, controller: stabilisers.JacregController | None) -> float:

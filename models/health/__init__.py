@@ -20,7 +20,8 @@ log (one row per logged step, CONVENTIONS prefixes); ``extras`` holds diagnostic
 
 ``calibration_extras`` turns what calibration recorded (``calibration.json["health"]``) into
 these keys. Detectors on the trace alone: runaway_norms, norm_excursions, divergence,
-settling_at_cap, estimator_accuracy (training cosines below the GPU-scale issue's bar),
+settling_at_cap, gated_steps (steps a validity gate left without a task gradient),
+estimator_accuracy (training cosines below the GPU-scale issue's bar),
 unstable_equilibrium (cosine checkpoints at which z* was not a stable fixed point);
 worse_than_chance and estimator_sign also flag mid-run episodes (a run that
 went worse than chance or pointed uphill for a while and came back).

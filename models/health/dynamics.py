@@ -270,3 +270,37 @@ def ep_self_coherence(values: Sequence[float], reference: Sequence[float] | None
                  f"{min(last, v.size)}){ref_text}: the estimator's batch noise dominates"),
         where="extras['self_coherence']; nudging beta, T2, free-phase residual at this checkpoint",
         evidence=ev)]
+
+
+GATES = {"gate_skipped": "the free phase's residual was above the validity gate",
+         "gate_adjoint": "the nudged phase had not settled (the adjoint gate)"}
+
+
+def gated_steps(trace: pd.DataFrame, *, warn_share: float = 0.1, error_share: float = 0.5,
+                min_rows: int = 4) -> list[Finding]:
+    """Steps whose task gradient a validity gate dropped (``gate_skipped``: the free phase;
+    ``gate_adjoint``: the nudged phase, ``models.eqt.step``). A gated step applies only the
+    stabilisers, so a run gated on a large share of its steps learned from few of them while
+    its loss curve looks merely slow. Warning above ``warn_share`` of the logged rows (each
+    samples one step), error above ``error_share``."""
+    out = []
+    for column, why in GATES.items():
+        if column not in trace.columns:
+            continue
+        s = series(trace, column)
+        if len(s) < min_rows:
+            continue
+        shut = s.to_numpy() > 0
+        share = float(shut.mean())
+        if share <= warn_share:
+            continue
+        steps = s.index.to_numpy()[shut]
+        out.append(Finding(
+            detector="gated_steps",
+            severity=Severity.ERROR if share > error_share else Severity.WARNING,
+            message=(f"{column}: {share:.0%} of {len(s)} logged steps had no task gradient "
+                     f"({why}; first at step {int(steps[0])}, last at {int(steps[-1])})"),
+            where=f"trace column {column}; the stabiliser (stab.gate / stab.adjoint_gate, the "
+                  "jacreg controller's target) and the step size",
+            evidence={"share": share, "rows": float(len(s))}))
+    return out
