@@ -27,6 +27,7 @@ def test_generate_is_a_pure_function_of_its_seed_and_answers_are_right() -> None
         assert p.answer in {x - y, x + y, x * y, x // y} and p.answer >= 0
         assert all(str(n) in p.question for n in p.numbers)
         assert all(e in p.question for e in p.names + p.nouns)
+        assert str(p.answer) in p.statement and p.names[0] in p.statement
     assert {p.question.split()[1] for p in a} >= {"has", "buys", "shares"}  # every template
 
 
@@ -49,7 +50,7 @@ def test_an_output_that_repeats_its_question_transfers_every_entity() -> None:
 
 def test_entity_matching_is_by_whole_word_and_counts_singular_nouns() -> None:
     p = Problem("Mara has 7 apples and gives 3 to Ilya. How many apples does Mara have?", 4,
-                ("Mara", "Ilya"), ("apples",), (7, 3))
+                "Mara has 4 apples.", ("Mara", "Ilya"), ("apples",), (7, 3))
     t = entity_transfer(["Mara keeps 17 of her apple"], [p])
     assert (t["names"].found, t["nouns"].found, t["numbers"].found) == (1, 1, 0)  # 17 is not 7
     assert t["all"].rate == pytest.approx(2 / 5)
@@ -89,4 +90,4 @@ def test_diversity_similarity_and_rms_ratio_identities() -> None:
     emb = torch.randn(100, 8)
     assert rms_ratio(emb, emb) == pytest.approx(1.0)
     assert rms_ratio(10 * emb, emb) == pytest.approx(10.0)  # log 004 V6's overload reads as 10
-    assert math.isnan(entity_transfer(["x"], [Problem("q", 0, (), (), ())])["all"].rate)
+    assert math.isnan(entity_transfer(["x"], [Problem("q", 0, "", (), (), ())])["all"].rate)

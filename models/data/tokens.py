@@ -1,4 +1,4 @@
-"""Tokenizers (byte-level BPE via ``tokenizers``, or characters) and uint16 token arrays.
+"""Tokenizers (byte-level BPE via ``tokenizers``, characters, or words) and uint16 token arrays.
 
 Token arrays are nanoGPT-style flat ``.bin`` files of uint16, read by memory map, so a run reads
 random windows without loading the corpus.
@@ -7,6 +7,7 @@ random windows without loading the corpus.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Protocol
 
@@ -47,6 +48,33 @@ class CharCodec:
         io.write_json(path, {"kind": "char", "chars": self.chars[1:]})
 
 
+class WordCodec:
+    """Word vocabulary (runs of letters, runs of digits, single other characters) from the
+    training text; index 0 stands for unseen words, and decoding joins words with spaces. For
+    short templated texts (the bridge study's word problems), where every number and name is one
+    token and the vocabulary differs from a character model's."""
+
+    SPLIT = re.compile(r"[A-Za-z]+|\d+|[^\sA-Za-z\d]")
+
+    def __init__(self, words: list[str]) -> None:
+        self.words = ["<unk>"] + [w for w in words if w != "<unk>"]
+        self.index = {w: i for i, w in enumerate(self.words)}
+        self.vocab_size = len(self.words)
+
+    @classmethod
+    def train(cls, text: str) -> WordCodec:
+        return cls(sorted(set(cls.SPLIT.findall(text))))
+
+    def encode(self, text: str) -> list[int]:
+        return [self.index.get(w, 0) for w in self.SPLIT.findall(text)]
+
+    def decode(self, ids: list[int]) -> str:
+        return " ".join(self.words[i] for i in ids)
+
+    def save(self, path: Path) -> None:
+        io.write_json(path, {"kind": "word", "words": self.words[1:]})
+
+
 class BPECodec:
     """Byte-level BPE (GPT-2 style pre-tokenisation); every byte sequence round-trips."""
 
@@ -81,10 +109,12 @@ def train_codec(kind: str, text: str, vocab_size: int) -> CharCodec | BPECodec:
     return CharCodec.train(text) if kind == "char" else BPECodec.train(text, vocab_size)
 
 
-def load_codec(path: Path) -> CharCodec | BPECodec:
+def load_codec(path: Path) -> CharCodec | WordCodec | BPECodec:
     payload = json.loads(path.read_text(encoding="utf-8"))
     if payload.get("kind") == "char":
         return CharCodec(payload["chars"])
+    if payload.get("kind") == "word":
+        return WordCodec(payload["words"])
     return BPECodec(Tokenizer.from_str(path.read_text(encoding="utf-8")))
 
 

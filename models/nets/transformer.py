@@ -106,10 +106,15 @@ class TransformerLM(nn.Module):
 
     def hidden_states(self, idx: torch.Tensor) -> list[torch.Tensor]:
         """Residual stream after the embedding and after every block (for per-layer statistics)."""
-        t = idx.shape[1]
+        return self.embedded_states(self.tok(idx))
+
+    def embedded_states(self, emb: torch.Tensor) -> list[torch.Tensor]:
+        """``hidden_states`` from token-level input vectors [B, T, C] instead of ids: the token
+        embeddings, or vectors placed among them (the latent bridge's soft tokens)."""
+        t = emb.shape[1]
         if t > self.shape.block_size:
             raise ValueError(f"sequence length {t} exceeds block_size {self.shape.block_size}")
-        h = self.tok(idx) + self.pos(torch.arange(t, device=idx.device))
+        h = emb + self.pos(torch.arange(t, device=emb.device))
         states = [h]
         for block in self.blocks:
             h = block(h)
@@ -118,6 +123,10 @@ class TransformerLM(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.head(self.ln_f(self.hidden_states(idx)[-1]))
+
+    def forward_embeddings(self, emb: torch.Tensor) -> torch.Tensor:
+        """Logits from input vectors [B, T, C] (``embedded_states``)."""
+        return self.head(self.ln_f(self.embedded_states(emb)[-1]))
 
 
 def _init_weights(module: nn.Module) -> None:
