@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from models.bridge.bridge import Bridge, BridgeShape, fsq, soft_prompt_loss
 from models.nets.transformer import TransformerLM, TransformerShape
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def stats(src: int, tgt: int, tgt_rms: float = 0.05) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)

@@ -11,6 +11,9 @@ log (one row per logged step, CONVENTIONS prefixes); ``extras`` holds diagnostic
 - ``no_grad_path``: term names flagged by recorders.term_grad_norm -> no_gradient_path
 - ``outputs`` (strings or array) and ``soft_tokens`` (array [N, ...]) -> output_collapse
 - ``rms``: {connection: (rms_fed, rms_expected)} -> magnitude_mismatch
+- ``posterior``: {lm_matched, lm_shuffled} (the consumer's loss with its own vs shuffled
+  conditioning) -> posterior_collapse; ``pre_tanh``: a tanh's inputs -> tanh_saturation;
+  ``codes``: {codes, codebook_size} -> codebook_collapse; ``generations`` -> empty_generations
 - ``config_train`` / ``config_eval``: resolved config dicts incl. prompts -> config_drift
 - ``chance`` (+ ``chance_what``, ``untrained_loss``): the uninformed loss -> worse_than_chance;
   it also sets the frozen_explosion loss bound (1.5 chance) when ``loss_limit`` is not given

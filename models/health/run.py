@@ -30,7 +30,14 @@ from models.health.losses import (
     non_finite,
 )
 from models.health.norms import norm_excursions, runaway_norms
-from models.health.outputs import magnitude_mismatch, output_collapse
+from models.health.outputs import (
+    codebook_collapse,
+    empty_generations,
+    magnitude_mismatch,
+    output_collapse,
+    posterior_collapse,
+    tanh_saturation,
+)
 from models.health.precision import precision_collapse, precision_instability
 from models.health.progress import divergence, learns_nothing, worse_than_chance
 from models.health.signals import low_coverage, vanishing_through_depth
@@ -93,6 +100,14 @@ def run_all(trace: pd.DataFrame, extras: Mapping[str, Any] | None = None, *,
             found += output_collapse(ex[key], name=key)
     if "rms" in ex:
         found += magnitude_mismatch(ex["rms"])
+    if "posterior" in ex:  # {"lm_matched": float, "lm_shuffled": float}
+        found += posterior_collapse(**ex["posterior"])
+    if "pre_tanh" in ex:
+        found += tanh_saturation(ex["pre_tanh"])
+    if "codes" in ex:  # {"codes": [...], "codebook_size": int}
+        found += codebook_collapse(**ex["codes"])
+    if "generations" in ex:
+        found += empty_generations(ex["generations"])
     if "config_train" in ex and "config_eval" in ex:
         found += config_drift(ex["config_train"], ex["config_eval"])
     return worst_first([f.with_run(run) for f in found])
