@@ -29,9 +29,10 @@ CATEGORIES = ("numbers", "names", "nouns")
 
 @dataclass(frozen=True)
 class Problem:
-    """One word problem: the question text, its integer answer, the answer restated as a
-    sentence that names the question's person and object (what the target LM learns to say
-    after the answer, so that an output's entities are measurable), and the entities."""
+    """One word problem: the question text, its integer answer, a statement that restates
+    every entity of the question with the answer (what the target LM learns to say after the
+    answer: from text it transfers all of them, so a bridge's entity transfer has a ceiling of
+    1), and the entities."""
 
     question: str
     answer: int
@@ -53,19 +54,22 @@ def _gives(rng: random.Random, a: str, b: str, noun: tuple[str, str]) -> Problem
     x = rng.randint(3, 19)
     y = rng.randint(1, x - 1)
     q = f"{a} has {x} {noun[1]} and gives {y} to {b}. How many {noun[1]} does {a} have?"
-    return Problem(q, x - y, f"{a} has {x - y} {noun[1]}.", (a, b), (noun[1],), (x, y))
+    s = f"{a} had {x} {noun[1]} and gave {y} to {b}, so {a} has {x - y} {noun[1]}."
+    return Problem(q, x - y, s, (a, b), (noun[1],), (x, y))
 
 
 def _gets(rng: random.Random, a: str, b: str, noun: tuple[str, str]) -> Problem:
     x, y = rng.randint(1, 15), rng.randint(1, 15)
     q = f"{a} has {x} {noun[1]}. {b} gives {a} {y} more. How many {noun[1]} does {a} have?"
-    return Problem(q, x + y, f"{a} has {x + y} {noun[1]}.", (a, b), (noun[1],), (x, y))
+    s = f"{a} had {x} {noun[1]} and got {y} from {b}, so {a} has {x + y} {noun[1]}."
+    return Problem(q, x + y, s, (a, b), (noun[1],), (x, y))
 
 
 def _groups(rng: random.Random, a: str, b: str, noun: tuple[str, str]) -> Problem:
     x, y = rng.randint(2, 6), rng.randint(2, 6)
     q = f"{a} buys {x} boxes with {y} {noun[1]} in each box. How many {noun[1]} does {a} buy?"
-    return Problem(q, x * y, f"{a} buys {x * y} {noun[1]}.", (a,), (noun[1],), (x, y))
+    s = f"{a} bought {x} boxes of {y} {noun[1]}, so {a} buys {x * y} {noun[1]}."
+    return Problem(q, x * y, s, (a,), (noun[1],), (x, y))
 
 
 def _shares(rng: random.Random, a: str, b: str, noun: tuple[str, str]) -> Problem:
@@ -73,8 +77,8 @@ def _shares(rng: random.Random, a: str, b: str, noun: tuple[str, str]) -> Proble
     x = y * rng.randint(1, 6)
     q = (f"{a} shares {x} {noun[1]} equally between {y} friends. How many {noun[1]} does "
          "each friend get?")
-    return Problem(q, x // y, f"Each friend of {a} gets {x // y} {noun[1]}.", (a,), (noun[1],),
-                   (x, y))
+    s = f"{a} shared {x} {noun[1]} between {y} friends, so each friend gets {x // y} {noun[1]}."
+    return Problem(q, x // y, s, (a,), (noun[1],), (x, y))
 
 
 TEMPLATES: tuple[Template, ...] = (_gives, _gets, _groups, _shares)
