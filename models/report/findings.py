@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import subprocess
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,16 @@ def git_commit() -> str:
     return f"{head}{' (uncommitted changes)' if dirty else ''}"
 
 
+def _row_steps(params: Params, study: str) -> str:
+    """"600 steps", or with the rows that train longer or shorter named: "600 steps (bp 1200)"."""
+    cfg = params.study(study)
+    per_row = {row: cfg.row_train(row).steps for row in cfg.rows}
+    counts = Counter(per_row.values())
+    common = counts.most_common(1)[0][0]
+    others = ", ".join(f"{row} {n}" for row, n in per_row.items() if n != common)
+    return f"{common} steps" + (f" ({others})" if others else "")
+
+
 def scale_line(params: Params, study: str, diagnostics: dict[str, Any]) -> str:
     """Which profile, data and size made a table (a CPU-scale table says little about a claim
     made at a GPU log's scale)."""
@@ -61,7 +72,7 @@ def scale_line(params: Params, study: str, diagnostics: dict[str, Any]) -> str:
     train = cfg.get("train", {})
     size = ", ".join(f"{k} {v}" for k, v in cfg.get("model", {}).items()
                      if isinstance(v, (int, float)) and not isinstance(v, bool))
-    steps = (f"{train['steps']} steps" if "steps" in train else
+    steps = (_row_steps(params, study) if "steps" in train else
              f"{params.study(study).model_dump().get('epochs', '?')} epochs")
     return (f"Scale: profile `{params.profile}`; data {data}; "
             f"model {size}; {steps}, batch {train.get('batch_size', '?')}; "
