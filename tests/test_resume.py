@@ -23,8 +23,10 @@ from tests.conftest import stage, tiny_params
 
 
 def _prepare(project, steps: int, segment_steps: int) -> None:
-    raw = tiny_params({"studies": {"eqt_lm": {"train": {"steps": steps,
-                                                        "segment_steps": segment_steps}}}})
+    # the bp row sets its own steps (tiny restates them over params.yaml's CPU 1,200)
+    raw = tiny_params({"studies": {"eqt_lm": {
+        "train": {"steps": steps, "segment_steps": segment_steps},
+        "rules": {"bp": {"kind": "bp", "train": {"steps": steps}}}}}})
     (project / "params.yaml").write_text(yaml.safe_dump(raw))
     stage("stages.prepare")
     stage("stages.bpe")
