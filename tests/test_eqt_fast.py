@@ -144,6 +144,25 @@ def test_fast_gate_skips_the_task_gradient() -> None:
     _close(g, g_ref)
 
 
+@pytest.mark.parametrize("gate", [1e-300, 1e300])
+def test_fast_adjoint_gate_matches_eager(gate: float) -> None:
+    """``stab.adjoint_gate`` on the fast path: the same decision from the same logged remaining
+    change, and the same step (stabilisers only when shut, the full step when open)."""
+    model, idx, tgt = make(8, qk_norm=True)
+    cfg = EPRule(nudge=NudgeConfig(beta=1e-3, adaptive_t2=True, t2_max=8, snapshot_every=4,
+                                   t2_tol=1e-2, t2_cap=28),
+                 stab=StabiliserConfig(controller=False, jacreg=0.5, adjoint_gate=gate))
+    fast = FastEQ(model, FastConfig(graphs=False, compile=False, nudge="lockstep"))
+    torch.manual_seed(0)
+    g_ref, s_ref = gradients(model, idx, tgt, cfg)
+    torch.manual_seed(0)
+    g, s = fast.gradients(idx, tgt, cfg)
+    assert s["gate_adjoint"] == s_ref["gate_adjoint"] == float(gate < 1)
+    assert s["settle/nudged/residual"] == pytest.approx(s_ref["settle/nudged/residual"], rel=1e-7)
+    _close(g, g_ref)
+    assert (float(g["head.weight"].abs().sum()) == 0) == (gate < 1)
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "materialized", "closed"])
 def test_fast_bptt_is_the_exact_unroll_gradient(attention: str) -> None:
     model, idx, tgt = make(4, qk_norm=True, relax_cfg=RelaxConfig(eps=0.2, t1=25, t1max=25))
