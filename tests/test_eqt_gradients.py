@@ -324,7 +324,7 @@ def test_cosine_reference_at_an_unstable_fixed_point_is_the_t1_unroll() -> None:
     from models.studies.eqt_lm.equilibrium import Equilibrium, reference_cosines
 
     model, idx, tgt, (z, _) = _unstable_fixed_point()
-    rule = Equilibrium(model, EPRule(), torch.device("cpu"))
+    rule = Equilibrium(model, EPRule())
     free = RelaxResult(z=z, z_t1=z, residual=1e-9, residual_t1=1e-9, steps=200)
     refs = rule.references(model, idx, tgt, free)
     assert refs["unstable"] == 1.0 and refs["steps"] == model.relax_cfg.t1

@@ -87,7 +87,7 @@ def test_ep_row_resume_is_bit_exact(tmp_path: Path) -> None:
     ({"betta": 0.1}, "unknown key 'studies.eqt_lm.rules.ep.betta'; allowed here: block, "
                      "cos_every, fast, kind, model, nudge, relax, stab, train"),
     ({"nudge": {"t22": 3}}, "unknown key 'studies.eqt_lm.rules.ep.nudge.t22'; allowed here: "
-                            "adaptive_t2, aep, beta"),
+                            "accel, accel_m, adaptive_t2, aep, beta"),
     ({"stab": {"floor": 0.0}}, "studies.eqt_lm.rules.ep.stab.floor: Input should be greater than 0"),
     ({"nudge": {"beta": 0.0}}, "studies.eqt_lm.rules.ep.nudge.beta: Input should be greater than 0"),
     ({"nudge": {"aep": "both"}}, "studies.eqt_lm.rules.ep.nudge.aep: Input should be 'none', "),
@@ -115,7 +115,7 @@ def test_equilibrium_rule_on_the_fast_engine_trains_like_the_eager_path() -> Non
         model, _, _ = make(0)
         cfg = EPRule(nudge=NudgeConfig(beta=0.05, t2=8), cos_every=2,
                      stab=StabiliserConfig(lam=0.5, floor=0.05, target=1e-5))
-        rule = Equilibrium(model, cfg, torch.device("cpu"))
+        rule = Equilibrium(model, cfg)
         if fast:
             rule.fast = FastEQ(model, FastConfig(graphs=False, compile=False, nudge="lockstep"))
         tokens = torch.randint(0, 11, (16, 7), generator=torch.Generator().manual_seed(0))

@@ -82,6 +82,7 @@ import torch
 
 from models.config.eqt import NudgeConfig
 from models.eqt import equations as eq
+from models.eqt.anderson import Anderson
 from models.eqt.relax import RelaxResult
 
 if TYPE_CHECKING:
@@ -189,6 +190,7 @@ def nudged_contrast(model: EquilibriumLM, idx: torch.Tensor, targets: torch.Tens
     cap = cfg.t2_cap if cfg.t2_tol is not None else steps
     best_a, best_inc, best_t, prev_a = None, math.inf, steps, None
     remaining, t, prev_step, rho, tail_head = math.inf, 0, math.inf, -1.0, math.inf
+    mixer = Anderson(z, cfg.accel_m) if cfg.accel == "anderson" else None
     while t < cap:
         t += 1
         f = eq.nudged_force(force(z, x_in), model.ce_grad_z(z, tgt), beta_b, scale)
@@ -203,7 +205,7 @@ def nudged_contrast(model: EquilibriumLM, idx: torch.Tensor, targets: torch.Tens
             zbar = z.unflatten(0, (k, -1)).mean(0)
             zbar = (zbar.real if holo else zbar).repeat(k, 1, 1)
             f = f - _correction(interaction, zbar, z - zbar)
-        z = eq.relax_step(z, f, eps)
+        z = eq.relax_step(z, f, eps) if mixer is None else mixer.step(z, eq.relax_step(z, f, eps))
         if cfg.adaptive_t2 and t % cfg.snapshot_every == 0:
             a = eq.contrast(z, z_star, weights, r, k)
             if prev_a is not None and torch.isfinite(a).all():

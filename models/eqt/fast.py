@@ -52,6 +52,7 @@ from torch import nn
 from models.config.eqt import BPTTRule, EPRule, FastConfig, NudgeConfig
 from models.eqt import equations as eq
 from models.eqt import step
+from models.eqt.anderson import Anderson
 from models.eqt.ep import RHO_MAX, nudge_points
 from models.eqt.relax import RelaxResult
 from models.eqt.stabilisers import JacregController
@@ -394,6 +395,10 @@ class FastEQ:
         best_inc, best_t = self._buf("nudge/best_inc", scalar), self._buf("nudge/best_t", scalar)
         # the last snapshot increment and the running contraction estimate (ep.remaining_change)
         prev_step, rho = self._buf("nudge/prev_step", scalar), self._buf("nudge/rho", scalar)
+        # Anderson mixing (cfg.accel): over the lockstep state, or (mode, dif) stacked
+        mixer = None
+        if cfg.accel == "anderson":
+            mixer = Anderson(torch.stack([mode, dif]) if differential else z_nudge, cfg.accel_m)
 
         def contrast(z: torch.Tensor) -> torch.Tensor:
             return eq.contrast(z, z_star, weights, r, k)
@@ -410,9 +415,14 @@ class FastEQ:
             have_prev = not first
             for j in range(1, n + 1):
                 if differential:
-                    mo, di = self._differential_step(mo, di, x_in1, tgt2, r, scale)
+                    mo2, di2 = self._differential_step(mo, di, x_in1, tgt2, r, scale)
+                    if mixer is not None:
+                        mo2, di2 = mixer.step(torch.stack([mo, di]),
+                                              torch.stack([mo2, di2])).unbind(0)
+                    mo, di = mo2, di2
                 else:
-                    z = self._nudge_step(z, x_in2, tgt2, star2, beta_b, scale, cfg.aep)
+                    z2 = self._nudge_step(z, x_in2, tgt2, star2, beta_b, scale, cfg.aep)
+                    z = z2 if mixer is None else mixer.step(z, z2)
                 if cfg.adaptive_t2 and j % cfg.snapshot_every == 0:
                     a = -di / r if differential else contrast(z)
                     if have_prev:
@@ -450,6 +460,8 @@ class FastEQ:
                 prev_step.fill_(math.inf)
                 rho.fill_(-1.0)
                 t_done.zero_()
+                if mixer is not None:
+                    mixer.reset()
                 advance(steps, first=True)
 
         def chunk() -> None:

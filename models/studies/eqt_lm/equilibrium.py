@@ -59,7 +59,7 @@ def build(model_cfg: LMModelConfig, rule_cfg: EqRule, relax: RelaxConfig | None,
     """The equilibrium LM under the calibrated ``relax`` (else the row's own), its rule, and its
     held-out loss through the free phase."""
     model = eq_model(model_cfg, rule_cfg, relax or rule_cfg.relax, vocab_size).to(device)
-    rule = Equilibrium(model, rule_cfg, device)
+    rule = Equilibrium(model, rule_cfg)
     return model, rule, rule.loss
 
 
@@ -93,12 +93,11 @@ class Equilibrium(LearningRule):
     the controller's (lambda, res EMA) is the rule's state, so resumed runs are bit-exact.
     """
 
-    def __init__(self, model: EquilibriumLM, cfg: EqRule, device: torch.device) -> None:
+    def __init__(self, model: EquilibriumLM, cfg: EqRule) -> None:
         self.cfg = cfg
         self.controller = JacregController.from_config(cfg.stab) if cfg.stab.controller else None
         self.fast: FastEQ | None = None
-        if (cfg.fast.enabled and device.type == "cuda" and FastEQ.supports(cfg)
-                and cfg.block.kind == "thick"):
+        if cfg.fast.enabled and FastEQ.supports(cfg) and cfg.block.kind == "thick":
             self.fast = FastEQ(model, cfg.fast)
         self.fast_eval: FastEQ | None = None  # the EMA copy's engine (its graphs read its weights)
         self._last_x: torch.Tensor | None = None
