@@ -105,6 +105,19 @@ rule prepare_mnist1d:
         "python -m stages.prepare --dataset mnist1d"
 
 
+rule pretrain_bridge:
+    input:
+        stage_code("pretrain"),
+    output:
+        "data/bridge/lms.pt",
+        "data/bridge/meta.json",
+    params:
+        cfg=P.studies.bridge.task.model_dump_json() if P.studies.bridge else "",
+        device=P.device,
+    shell:
+        "python -m stages.pretrain"
+
+
 rule calibrate:
     input:
         lambda w: dataset_inputs(w.study),

@@ -58,3 +58,7 @@ class RunContext:
     @property
     def mnist1d_file(self) -> Path:
         return paths.mnist1d_file(self.data)
+
+    @property
+    def bridge_dir(self) -> Path:
+        return paths.bridge_dir(self.data)

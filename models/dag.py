@@ -1,7 +1,8 @@
 """The one definition of bpfree's DAG: stages, commands, dependencies and outputs.
 
     prepare ─ bpe ─┐
-    prepare_mnist1d┴─ calibrate_<study> ─ train_<study> ─ diagnose_<study> ─ report
+    prepare_mnist1d┤
+    pretrain_bridge┴─ calibrate_<study> ─ train_<study> ─ diagnose_<study> ─ report
 
 Both front-ends read it. ``dvc.yaml`` is *generated* from it (``python -m stages.dag``; a test
 fails when the committed file is stale), one stage per study for calibrate/train/diagnose, each
@@ -24,6 +25,7 @@ from models.config import ConfigError
 from models.identity import coarsen, stage_code
 from models.pipeline import (
     REPORTS,
+    bridge_dir,
     dataset_files,
     mnist1d_file,
     report_code,
@@ -67,7 +69,8 @@ class Stage:
         return body
 
 
-DATASET_DIRS = {"tokens": str(tokens_dir()), "mnist1d": str(mnist1d_file().parent)}
+DATASET_DIRS = {"tokens": str(tokens_dir()), "mnist1d": str(mnist1d_file().parent),
+                "bridge": str(bridge_dir())}
 
 
 def data_stages(datasets: set[str]) -> list[Stage]:
@@ -82,6 +85,9 @@ def data_stages(datasets: set[str]) -> list[Stage]:
         out.append(Stage("prepare_mnist1d", "python -m stages.prepare --dataset mnist1d",
                          stage_code("prepare"), ["profile", "data.mnist1d"],
                          [DATASET_DIRS["mnist1d"]]))
+    if "bridge" in datasets:  # the bridge study's two frozen LMs, pretrained by the pipeline
+        out.append(Stage("pretrain_bridge", "python -m stages.pretrain", stage_code("pretrain"),
+                         ["profile", "device", "studies.bridge.task"], [DATASET_DIRS["bridge"]]))
     return out
 
 

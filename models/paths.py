@@ -74,9 +74,15 @@ def mnist1d_file(data: Path = DATA) -> Path:
     return data / "mnist1d" / "data.npz"
 
 
+def bridge_dir(data: Path = DATA) -> Path:
+    """The bridge study's corpus meta and its two pretrained LMs (``models.bridge.data``)."""
+    return data / "bridge"
+
+
 def dataset_files(dataset: str) -> list[Path]:
     """The prepared files of a dataset a study reads (what its identity hashes)."""
     return {
         "tokens": [tokens_dir() / n for n in ("meta.json", "tokenizer.json", "train.bin", "val.bin")],
         "mnist1d": [mnist1d_file()],
+        "bridge": [bridge_dir() / n for n in ("lms.pt", "meta.json")],
     }[dataset]

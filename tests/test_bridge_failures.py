@@ -11,7 +11,8 @@ from models.bridge.bridge import Bridge, BridgeShape, soft_prompt_loss
 from models.bridge.corpus import generate
 from models.bridge.lms import PRIMER, build_codecs, target_text
 from models.bridge.metrics import rms_ratio
-from models.bridge.step import Batch, TermWeights, loss_terms
+from models.bridge.step import Batch, loss_terms
+from models.config.bridge import TermWeights
 from models.health.losses import dead_loss_term, no_gradient_path
 from models.health.outputs import (
     codebook_collapse,

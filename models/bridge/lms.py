@@ -16,13 +16,12 @@ Pretraining is plain backprop (AdamW, warm-up + cosine), a pure function of the 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from models.bridge.corpus import Problem
-from models.config import TrainConfig
+from models.config.bridge import BridgeLMConfig
 from models.data.tokens import CharCodec, WordCodec
 from models.nets.transformer import TransformerLM, TransformerShape
 from models.training.schedule import lr_at
@@ -37,17 +36,6 @@ def source_text(p: Problem) -> str:
 
 def target_text(p: Problem, primer: str = PRIMER) -> str:
     return f"Question: {p.question} {primer} {p.answer} . {p.statement}"
-
-
-@dataclass(frozen=True)
-class LMConfig:
-    """One LM's shape and its pretraining (batch size, steps, lr schedule, weight decay, clip)."""
-
-    n_embd: int
-    n_head: int
-    n_layer: int
-    block_size: int
-    train: TrainConfig
 
 
 def build_codecs(problems: Sequence[Problem]) -> tuple[CharCodec, WordCodec]:
@@ -76,7 +64,7 @@ def encode_batch(codec: CharCodec | WordCodec, texts: Sequence[str], block_size:
     return x, y
 
 
-def pretrain(cfg: LMConfig, codec: CharCodec | WordCodec, texts: Sequence[str], seed: int,
+def pretrain(cfg: BridgeLMConfig, codec: CharCodec | WordCodec, texts: Sequence[str], seed: int,
              device: torch.device) -> tuple[TransformerLM, list[float]]:
     """A fresh LM trained on ``texts`` (random batches with replacement); returns it in eval
     mode and the training loss of every step."""

@@ -20,21 +20,9 @@ from models.bridge import terms
 from models.bridge.bridge import Bridge, soft_prompt_loss
 from models.bridge.corpus import Problem
 from models.bridge.lms import PRIMER, answer_steps, decode_answer, greedy, source_text
+from models.config.bridge import TermWeights
 from models.data.tokens import CharCodec, WordCodec
 from models.nets.transformer import TransformerLM
-
-
-@dataclass(frozen=True)
-class TermWeights:
-    """Weights of the loss terms (0 = off): log 004's variants are settings of these."""
-
-    lm: float = 1.0
-    recon: float = 0.0        # V1: mean-pooled cosine reconstruction of the source
-    contrastive: float = 0.0  # V2: InfoNCE over the batch
-    anchor_cos: float = 0.0   # V3.1 / V7: cosine to the answer embeddings
-    anchor_mse: float = 0.0   # V3: MSE to the answer embeddings (the scale-mismatch failure)
-    batch_div: float = 0.0    # V15h: batch-diversity (mean off-diagonal cosine)
-    unique_div: float = 0.0   # V15f: the unique-code ratio through a float (no gradient path)
 
 
 @dataclass

@@ -19,6 +19,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from models.config.base import ConfigError, Strict, StudyConfig, deep_merge, format_validation_error
+from models.config.bridge import BridgeStudyConfig
 from models.config.data import DataConfig
 from models.config.eqt import LMStudyConfig
 from models.config.ff import RulesLadderConfig, RulesLQConfig, RulesVisionConfig
@@ -41,6 +42,7 @@ class StudiesConfig(Strict):
     rules_lq: RulesLQConfig | None = None
     pc_seq: PCSeqConfig | None = None
     dtp_wm: DTPWMConfig | None = None
+    bridge: BridgeStudyConfig | None = None
 
 
 class HealthConfig(Strict):

@@ -110,4 +110,6 @@ def run_all(trace: pd.DataFrame, extras: Mapping[str, Any] | None = None, *,
         found += empty_generations(ex["generations"])
     if "config_train" in ex and "config_eval" in ex:
         found += config_drift(ex["config_train"], ex["config_eval"])
+    if "prompts" in ex:  # {"train": str, "eval": str}: what a generator is prompted with
+        found += config_drift({"prompt": ex["prompts"]["train"]}, {"prompt": ex["prompts"]["eval"]})
     return worst_first([f.with_run(run) for f in found])

@@ -162,7 +162,14 @@ def _study_section(study: Any, runs: list[RunSpec], diagnostics: dict[RunSpec, d
                           f"`{runs[0].calibration}`")
     lines = [f"## {study.title}", "", scale, "",
              "\n".join([markdown_table(summary, columns, table_marks), *refs]), ""]
-    if refs:
+    context_refs = any(b.get("context") or "gram" in b.get("label", "")
+                       for s in runs for b in diagnostics[s].get("baselines", []))
+    if refs and not context_refs:
+        lines += ["*Italic* rows: baselines measured by the same pipeline on the same held-out "
+                  "data at calibration, with their standard error in place of a spread over "
+                  "seeds (health: learns_nothing judges every row against those it must beat).",
+                  ""]
+    if refs and context_refs:
         lines += ["*Italic* rows: count-based n-gram models on the same tokens (interpolated "
                   "Kneser-Ney; counted on the training split, scored on the held-out one at "
                   "calibration), with their standard error over held-out tokens in place of a "
@@ -198,7 +205,8 @@ def _study_section(study: Any, runs: list[RunSpec], diagnostics: dict[RunSpec, d
     lines += ["</details>", ""]
     samples = [(s, diagnostics[s].get("samples")) for s in runs if s.seed == runs[0].seed]
     if any(text for _, text in samples):
-        lines += [f"### Samples (seed {runs[0].seed}, temperature 0.8)", ""]
+        title = getattr(study, "samples_title", "Samples (seed {seed}, temperature 0.8)")
+        lines += [f"### {title.format(seed=runs[0].seed)}", ""]
         for spec, texts in samples:
             for text in texts or []:
                 lines.append(f"- **{spec.row}**: {_one_line(text)}")

@@ -67,16 +67,17 @@ def reference_rows(diagnostics: list[dict[str, Any]], columns: list[tuple[str, s
     its standard error over held-out tokens (not a spread over seeds), in the column of the
     baseline's metric (a held-out CE also under the best-CE column: a count model has no
     training curve). ``calibration_of`` names the file the numbers come from."""
-    seen: dict[str, dict[str, Any]] = {}
+    seen: dict[str, dict[str, dict[str, Any]]] = {}  # one table row per label: metric -> baseline
     for d in diagnostics:
         for b in d.get("baselines", []):
             if b.get("table"):
-                seen.setdefault(b["name"], b)
+                seen.setdefault(b.get("label", b["name"]), {}).setdefault(b["metric"], b)
     lines = []
-    for b in seen.values():
-        keys = {b["metric"]} | ({"best_val_loss"} if b["metric"] == "final_val_loss" else set())
-        cells = [f"*{b.get('label', b['name'])}*"]
-        cells += [f"{b['value']:.3f} (SE {b['se']:.3f})" if key in keys else "–"
-                  for key, _ in columns]
+    for label, by_metric in seen.items():
+        cells = [f"*{label}*"]
+        for key, _ in columns:
+            b = by_metric.get(key) or (by_metric.get("final_val_loss")
+                                       if key == "best_val_loss" else None)
+            cells.append(f"{b['value']:.3f} (SE {b['se']:.3f})" if b else "–")
         lines.append("| " + " | ".join([*cells, f"ref ({calibration_of})"]) + " |")
     return lines

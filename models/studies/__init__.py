@@ -19,7 +19,7 @@ from models.studies.base import Study, Trainable
 @dataclass(frozen=True)
 class StudyEntry:
     cls: str                    # the Study class in models/studies/<name>.py
-    datasets: tuple[str, ...]   # prepared data it reads: "tokens", "mnist1d" (none: generated)
+    datasets: tuple[str, ...]   # prepared data it reads: "tokens", "mnist1d", "bridge" (none: generated)
     # row kind -> the module that implements that kind of row, imported only for such a row:
     # a run's code identity (models.identity) is the study's module plus its row's module, so
     # an edit to one kind's module retrains the rows of that kind alone
@@ -38,6 +38,7 @@ STUDIES: dict[str, StudyEntry] = {
     "rules_lq": StudyEntry("RulesLQStudy", (), FF_RULES),
     "pc_seq": StudyEntry("PCSeqStudy", ("tokens",)),
     "dtp_wm": StudyEntry("DTPWMStudy", ("tokens",)),
+    "bridge": StudyEntry("BridgeStudy", ("bridge",)),
 }
 
 __all__ = ["STUDIES", "Study", "StudyEntry", "Trainable", "get_study", "row_modules",
