@@ -13,7 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from models.config.base import Strict, StudyConfig, check_rows, merge_checked
+from models.config.base import Strict
+from models.config.rows import RowStudyConfig
 from models.config.train import TrainConfig
 
 
@@ -144,31 +145,18 @@ class BridgeRule(Strict):
         return self
 
 
-class BridgeStudyConfig(StudyConfig):
+class BridgeStudyConfig(RowStudyConfig):
     """``bridge``: log 004's latent bridge between two LMs the pipeline pretrains itself."""
 
     task: BridgeTaskConfig = BridgeTaskConfig()
     model: BridgeModelConfig = BridgeModelConfig()
-    train: TrainConfig = TrainConfig()
     rules: dict[str, BridgeRule]
 
     @model_validator(mode="after")
     def _rows_known(self) -> BridgeStudyConfig:
-        check_rows(self.rows, self.rules)
-        for name, rule in self.rules.items():
-            merge_checked(self.train, rule.train, f"rules.{name}.train")
-            model = merge_checked(self.model, rule.model, f"rules.{name}.model")
-            if self.task.target.n_embd % model.n_head:
+        self._check()
+        for name in self.rules:
+            if self.task.target.n_embd % self.row_model(name).n_head:
                 raise ValueError(f"rules.{name}: the bridge works at the target's width "
-                                 f"{self.task.target.n_embd}, not a multiple of model.n_head="
-                                 f"{model.n_head}")
+                                 f"{self.task.target.n_embd}, not a multiple of model.n_head")
         return self
-
-    def row_train(self, row: str) -> TrainConfig:
-        return merge_checked(self.train, self.rules[row].train, f"rules.{row}.train")
-
-    def row_model(self, row: str) -> BridgeModelConfig:
-        return merge_checked(self.model, self.rules[row].model, f"rules.{row}.model")
-
-    def row_rule(self, row: str) -> BridgeRule:
-        return self.rules[row]

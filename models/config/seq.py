@@ -10,8 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from models.config.base import Strict, StudyConfig, check_rows, merge_checked
-from models.config.train import TrainConfig
+from models.config.base import Strict
+from models.config.rows import RowStudyConfig
 
 
 class PrecisionConfig(Strict):
@@ -100,29 +100,10 @@ class SeqBPRule(Strict):
     model: dict[str, Any] = {}
 
 
-class _SeqStudy(StudyConfig):
-    train: TrainConfig = TrainConfig()
-
-    def _check(self) -> None:
-        check_rows(self.rows, self.rules)  # type: ignore[attr-defined]
-        for name, rule in self.rules.items():  # type: ignore[attr-defined]
-            merge_checked(self.train, rule.train, f"rules.{name}.train")
-            merge_checked(self.model, rule.model, f"rules.{name}.model")  # type: ignore[attr-defined]
-
-    def row_train(self, row: str) -> TrainConfig:
-        return merge_checked(self.train, self.rules[row].train, f"rules.{row}.train")  # type: ignore[attr-defined]
-
-    def row_model(self, row: str) -> Any:
-        return merge_checked(self.model, self.rules[row].model, f"rules.{row}.model")  # type: ignore[attr-defined]
-
-    def row_rule(self, row: str) -> Any:
-        return self.rules[row]  # type: ignore[attr-defined]
-
-
 PCSeqRule = Annotated[PCRule | SeqBPRule, Field(discriminator="kind")]
 
 
-class PCSeqConfig(_SeqStudy):
+class PCSeqConfig(RowStudyConfig):
     """``pc_seq``: next-token prediction by a predictive-coding hierarchy vs its BP twin."""
 
     model: PCModelConfig = PCModelConfig()
@@ -185,7 +166,7 @@ class DTPRule(Strict):
 DTPWMRule = Annotated[DTPRule | SeqBPRule, Field(discriminator="kind")]
 
 
-class DTPWMConfig(_SeqStudy):
+class DTPWMConfig(RowStudyConfig):
     """``dtp_wm``: the latent world model trained by DTP vs its BPTT twin."""
 
     model: WorldModelConfig = WorldModelConfig()
